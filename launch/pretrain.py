@@ -1,0 +1,252 @@
+"""Pre-train a Llama-style model with DeepSpeed ZeRO-3 and online weight averaging on the local partitions.
+
+    deepspeed --num_gpus 2 launch/pretrain.py --recipe recipes/tiny_cpu.yaml [--set train.steps=100 ...]
+
+build → resume → for each step: batch, forward, backward, step, average, evaluate, checkpoint, log.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+# `deepspeed launch/pretrain.py` puts launch/ first on the path; the imports below are from the repository root.
+sys.path[0] = str(Path(__file__).resolve().parent.parent)
+
+import deepspeed  # noqa: E402
+import deepspeed.comm as dist  # noqa: E402
+import torch  # noqa: E402
+import yaml  # noqa: E402
+
+from averaging.averages import Averager  # noqa: E402
+from averaging.state import load_state, save_state  # noqa: E402
+from averaging.zero import layout, master_partitions, swapped_in  # noqa: E402
+from data.loader import TokenWindows, TrainBatches, load_meta, val_batches  # noqa: E402
+from data.prepare import prepare  # noqa: E402
+from launch import checkpoint  # noqa: E402
+from launch.ds_config import deepspeed_config  # noqa: E402
+from launch.errors import UserError, cli  # noqa: E402
+from launch.metrics import MetricsLog  # noqa: E402
+from launch.recipe import Recipe, load_recipe, recipe_to_dict, save_recipe  # noqa: E402
+from launch.schedule import lr_multiplier  # noqa: E402
+from model.llama import Llama  # noqa: E402
+from model.sizes import flops_per_token, peak_flops, resolve  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--recipe", required=True, help="a YAML recipe from recipes/")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a recipe key (dotted), e.g. --set train.steps=100; repeatable")
+    parser.add_argument("--stop-after", type=int, default=None, metavar="STEP",
+                        help="leave after this step (e.g. before a job's time limit); the next launch resumes")
+    parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # passed by deepspeed
+    args = parser.parse_args()
+    train(load_recipe(args.recipe, args.set), stop_after=args.stop_after)
+
+
+def train(recipe: Recipe, stop_after: int | None = None) -> None:
+    device = init_distributed()
+    rank, world = dist.get_rank(), dist.get_world_size()
+    run_dir, ckpt_dir = Path(recipe.run.dir), Path(recipe.run.dir) / "checkpoints"
+    on_rank0(lambda: _claim_run_dir(recipe, run_dir, ckpt_dir))
+    on_rank0(lambda: prepare(recipe.data))
+    meta = load_meta(recipe.data.dir)
+
+    engine, schedule, args = build(recipe, meta["vocab_size"], world, device)
+    averager = Averager(recipe.averaging, master_partitions(engine)) if recipe.averaging.averages else None
+    partition_layout = layout(engine)
+
+    seq_len = recipe.data.seq_len
+    train_windows = TokenWindows(recipe.data.dir, "train", seq_len)
+    batches = TrainBatches(train_windows, rank, world, recipe.train.micro_batch, recipe.train.seed)
+    held_out = val_batches(TokenWindows(recipe.data.dir, "val", seq_len), rank, world, recipe.train.micro_batch,
+                           recipe.eval.batches)
+
+    # Resume from the latest complete checkpoint, if any.
+    start, bad_steps = 0, 0
+    if rank == 0:
+        checkpoint.remove_unfinished(ckpt_dir)
+    latest = checkpoint.latest_step(ckpt_dir)
+    if latest is not None:
+        state = checkpoint.load(engine, ckpt_dir, latest,
+                                lambda d: averager and load_state(averager, d, rank, world))
+        batches.load_state_dict(state["sampler"])
+        start, bad_steps = state["step"], state["bad_steps"]
+
+    log = MetricsLog(recipe, run_dir, start, enabled=rank == 0)
+    if latest is not None:
+        log.note(f"resumed from {ckpt_dir / checkpoint.tag_of(latest)}")
+    tokens_per_step = recipe.train.micro_batch * recipe.train.grad_accum * world * seq_len
+    flops = flops_per_token(args, seq_len)
+    peak = peak_flops(_device_name(device), recipe.train.precision, recipe.log.peak_tflops)
+
+    last = recipe.train.steps if stop_after is None else min(stop_after, recipe.train.steps)
+    for step in range(start + 1, last + 1):
+        t0 = time.perf_counter()
+        loss = train_step(engine, batches, recipe.train.grad_accum, device)
+        bad_steps = bad_steps + 1 if math.isnan(loss) else 0
+        if bad_steps:
+            schedule.step()  # a skipped step still counts, so the LR stays aligned with the step number
+            log.note(f"step {step}: non-finite loss, update skipped ({bad_steps} in a row)")
+            if bad_steps >= recipe.train.max_bad_steps:
+                raise UserError(f"{bad_steps} non-finite losses in a row at step {step} (train.max_bad_steps="
+                                f"{recipe.train.max_bad_steps}); the last good checkpoint is in {ckpt_dir}")
+
+        events = averager.update(step, loss, master_partitions(engine)) if averager else []
+        for event in events:
+            log.note(f"step {step}: {event}")
+        elapsed = time.perf_counter() - t0
+
+        record = {"step": step, "loss": loss, "lr": schedule.get_last_lr()[0],
+                  "grad_norm": _grad_norm(engine), "tokens": step * tokens_per_step,
+                  "tokens_per_s": tokens_per_step / elapsed, "step_time": elapsed,
+                  "mfu": flops * tokens_per_step / elapsed / (peak * world) if peak else None}
+        if _due(step, recipe.eval.every, recipe.train.steps):
+            record["val_loss"] = evaluate(engine, held_out)
+            for name in averager.names if averager else ():
+                with swapped_in(engine, averager.weights(name)):
+                    record[f"val_loss_{name}"] = evaluate(engine, held_out)
+        if _due(step, recipe.checkpoint.every, recipe.train.steps) or step == last:
+            trainer_state = {"step": step, "sampler": batches.state_dict(), "bad_steps": bad_steps,
+                             "val_loss": record.get("val_loss")}
+            checkpoint.save(engine, ckpt_dir, step, trainer_state,
+                            lambda d: averager and save_state(averager, partition_layout, d, rank, world))
+            if rank == 0:
+                for removed in checkpoint.prune(ckpt_dir, recipe.checkpoint):
+                    log.note(f"removed checkpoint {checkpoint.tag_of(removed)} (retention)")
+        if step % recipe.log.every == 0 or "val_loss" in record:
+            log.log(record)
+        log.progress(step, loss, record["tokens_per_s"])
+    log.close()
+    dist.barrier()
+
+
+def build(recipe: Recipe, vocab_size: int, world: int, device: torch.device):
+    """The DeepSpeed engine, its LR schedule and the model's shape. The model is partitioned as it is constructed,
+    so no rank ever holds it whole."""
+    args = resolve(recipe.model, vocab_size, recipe.data.seq_len)
+    ds_config = deepspeed_config(recipe, world)
+    torch.manual_seed(recipe.train.seed)
+    with deepspeed.zero.Init(config_dict_or_path=ds_config):
+        model = Llama(args, activation_checkpointing=recipe.zero.activation_checkpointing)
+    t = recipe.train
+    optimizer = torch.optim.AdamW(param_groups(model, t.weight_decay), lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps,
+                                  fused=device.type == "cuda")
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_multiplier(t, s))
+    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=schedule, config=ds_config)
+    if recipe.zero.compile:
+        engine.compile()
+    return engine, schedule, args
+
+
+def train_step(engine, batches: TrainBatches, grad_accum: int, device: torch.device) -> float:
+    """One optimizer step over `grad_accum` micro-batches; the mean loss, or NaN when the update was skipped."""
+    losses = []
+    for micro in range(grad_accum):
+        x, y = (t.to(device, non_blocking=True) for t in batches.next())
+        loss = engine(x, y)
+        if not _all_finite(loss):
+            for _ in range(grad_accum - micro - 1):
+                batches.next()  # the data stays aligned with an uninterrupted run
+            # Drop what was accumulated: the next micro-step overwrites the gradient partitions.
+            engine.optimizer.zero_grad()
+            engine.micro_steps += grad_accum - micro
+            return math.nan
+        engine.backward(loss)
+        engine.step()  # DeepSpeed steps the optimizer only at the accumulation boundary
+        losses.append(loss.detach())
+    return _mean_over_ranks(losses)
+
+
+@torch.no_grad()
+def evaluate(engine, held_out: list) -> float:
+    """Mean held-out token loss over every rank's share of the validation batches."""
+    engine.eval()
+    total = torch.zeros(2, dtype=torch.float64, device=engine.device)
+    for x, y in held_out:
+        loss = engine(x.to(engine.device), y.to(engine.device))
+        total += torch.stack([loss.double() * y.numel(), torch.tensor(float(y.numel()), device=engine.device)])
+    engine.train()
+    dist.all_reduce(total)
+    return (total[0] / total[1]).item()
+
+
+def init_distributed() -> torch.device:
+    if torch.cuda.is_available():
+        local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        torch.cuda.set_device(local_rank)
+        deepspeed.init_distributed(dist_backend="nccl")
+        return torch.device("cuda", local_rank)
+    deepspeed.init_distributed(dist_backend="gloo")
+    return torch.device("cpu")
+
+
+def on_rank0(fn) -> None:
+    """Run `fn` on rank 0 while the others wait; a UserError there stops every rank (printed once)."""
+    failure = [None]
+    if dist.get_rank() == 0:
+        try:
+            fn()
+        except UserError as e:
+            failure = [str(e)]
+    dist.broadcast_object_list(failure, src=0)
+    if failure[0] is not None:
+        raise UserError(failure[0])
+
+
+def _claim_run_dir(recipe: Recipe, run_dir: Path, ckpt_dir: Path) -> None:
+    """Save the resolved recipe; refuse to resume checkpoints of a different model."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    saved = run_dir / "recipe.yaml"
+    if saved.exists() and checkpoint.latest_step(ckpt_dir) is not None:
+        before = yaml.safe_load(saved.read_text())
+        now = recipe_to_dict(recipe)
+        for section in ("model", "data"):
+            for key, value in now[section].items():
+                if before.get(section, {}).get(key) != value:
+                    raise UserError(f"{run_dir} holds checkpoints of another {section} ({section}.{key}: "
+                                    f"{before.get(section, {}).get(key)!r} there, {value!r} now); "
+                                    f"use another run.dir")
+    save_recipe(recipe, saved)
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Weight decay on matrices only, not on norms (the usual GPT recipe)."""
+    decay = [p for p in model.parameters() if p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.ndim < 2]
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def _all_finite(loss: torch.Tensor) -> bool:
+    """True when every rank's loss is finite (one tiny all-reduce, so all ranks skip together)."""
+    bad = (~torch.isfinite(loss.detach())).float().reshape(1)
+    dist.all_reduce(bad)
+    return bad.item() == 0
+
+
+def _mean_over_ranks(losses: list[torch.Tensor]) -> float:
+    total = torch.stack(losses).float().mean().reshape(1)
+    dist.all_reduce(total)
+    return total.item() / dist.get_world_size()
+
+
+def _grad_norm(engine) -> float | None:
+    norm = engine.get_global_grad_norm()
+    return None if norm is None else float(norm)
+
+
+def _due(step: int, every: int, last: int) -> bool:
+    return step == last or (every > 0 and step % every == 0)
+
+
+def _device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+
+
+if __name__ == "__main__":
+    cli(main)
