@@ -4,7 +4,10 @@ VENV := .venv
 BIN := $(VENV)/bin
 NPROC ?= 2
 
-.PHONY: setup demo test experiment bench clean-demo
+DS := $(BIN)/deepspeed --num_gpus $(NPROC) launch/pretrain.py --recipe
+WEIGHTS := raw ema lawa
+
+.PHONY: setup demo test experiment clean-demo
 
 setup: $(VENV)/.installed
 
@@ -24,8 +27,27 @@ $(VENV)/.installed: requirements.txt
 	DS_BUILD_OPS=0 $(BIN)/pip install -q --no-build-isolation -r requirements.txt
 	touch $@
 
+# The embedded default end to end: prepare, train (long and short schedule), consolidate, evaluate, compare.
+# Each step resumes or skips what is already done, so running it again continues where it stopped.
 demo: setup
-	$(BIN)/deepspeed --num_gpus $(NPROC) launch/pretrain.py --recipe recipes/tiny_cpu.yaml
+	$(DS) recipes/tiny_cpu.yaml
+	$(DS) recipes/tiny_cpu_short.yaml
+	for w in $(WEIGHTS); do test -d release/tiny_cpu_$$w || \
+		$(BIN)/python -m averaging.consolidate runs/tiny_cpu/checkpoints --weights $$w --out release/tiny_cpu_$$w; done
+	for w in $(WEIGHTS); do $(BIN)/python -m eval.evaluate release/tiny_cpu_$$w; done
+	$(BIN)/python -m eval.compare runs/tiny_cpu runs/tiny_cpu_short --out reports/tiny_cpu \
+		--evaluate $(foreach w,$(WEIGHTS),release/tiny_cpu_$(w))
+
+clean-demo:
+	rm -rf runs/tiny_cpu runs/tiny_cpu_short release/tiny_cpu_* reports/tiny_cpu
+
+# The CPU experiment: a long run with EMA and LAWA against schedules 25% and 50% as long (about 30 min on 2 cores).
+experiment: setup
+	$(DS) recipes/experiment_long.yaml
+	$(DS) recipes/experiment_short25.yaml
+	$(DS) recipes/experiment_short50.yaml
+	$(BIN)/python -m eval.compare runs/experiment_long runs/experiment_short25 runs/experiment_short50 \
+		--out reports/experiment
 
 test: setup
 	$(BIN)/python -m pytest -q tests

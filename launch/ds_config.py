@@ -3,7 +3,7 @@
 from launch.recipe import Recipe
 
 
-def deepspeed_config(recipe: Recipe, world_size: int) -> dict:
+def deepspeed_config(recipe: Recipe, world_size: int, load_universal: bool = False) -> dict:
     t, z = recipe.train, recipe.zero
     zero = {
         "stage": 3,
@@ -24,6 +24,8 @@ def deepspeed_config(recipe: Recipe, world_size: int) -> dict:
         "gradient_clipping": t.grad_clip,
         "zero_optimization": zero,
         "bf16": {"enabled": t.precision == "bf16"},
+        # True only to resume from a checkpoint of another world size, converted by launch/universal.py.
+        "checkpoint": {"load_universal": load_universal},
         # Our torch AdamW is the optimizer on every device; DeepSpeed would otherwise insist on its CPU Adam.
         "zero_force_ds_cpu_optimizer": False,
         "zero_allow_untested_optimizer": True,

@@ -24,7 +24,7 @@ import yaml  # noqa: E402
 
 from averaging.averages import Averager  # noqa: E402
 from averaging.state import load_state, save_state  # noqa: E402
-from averaging.zero import layout, master_partitions, swapped_in  # noqa: E402
+from averaging.zero import layout, master_partitions, padding, swapped_in  # noqa: E402
 from data.loader import TokenWindows, TrainBatches, load_meta, val_batches  # noqa: E402
 from data.prepare import prepare  # noqa: E402
 from launch import checkpoint  # noqa: E402
@@ -58,8 +58,9 @@ def train(recipe: Recipe, stop_after: int | None = None) -> None:
     meta = load_meta(recipe.data.dir)
 
     engine, schedule, args = build(recipe, meta["vocab_size"], world, device)
-    averager = Averager(recipe.averaging, master_partitions(engine)) if recipe.averaging.averages else None
     partition_layout = layout(engine)
+    averager = (Averager(recipe.averaging, master_partitions(engine), padding=padding(engine))
+                if recipe.averaging.averages else None)
 
     seq_len = recipe.data.seq_len
     train_windows = TokenWindows(recipe.data.dir, "train", seq_len)
@@ -74,7 +75,7 @@ def train(recipe: Recipe, stop_after: int | None = None) -> None:
     latest = checkpoint.latest_step(ckpt_dir)
     if latest is not None:
         state = checkpoint.load(engine, ckpt_dir, latest,
-                                lambda d: averager and load_state(averager, d, rank, world))
+                                lambda d: averager and load_state(averager, d, rank, world, partition_layout))
         batches.load_state_dict(state["sampler"])
         start, bad_steps = state["step"], state["bad_steps"]
 
@@ -88,6 +89,7 @@ def train(recipe: Recipe, stop_after: int | None = None) -> None:
     last = recipe.train.steps if stop_after is None else min(stop_after, recipe.train.steps)
     for step in range(start + 1, last + 1):
         t0 = time.perf_counter()
+        lr = schedule.get_last_lr()[0]
         loss = train_step(engine, batches, recipe.train.grad_accum, device)
         bad_steps = bad_steps + 1 if math.isnan(loss) else 0
         if bad_steps:
@@ -102,7 +104,7 @@ def train(recipe: Recipe, stop_after: int | None = None) -> None:
             log.note(f"step {step}: {event}")
         elapsed = time.perf_counter() - t0
 
-        record = {"step": step, "loss": loss, "lr": schedule.get_last_lr()[0],
+        record = {"step": step, "loss": loss, "lr": lr,
                   "grad_norm": _grad_norm(engine), "tokens": step * tokens_per_step,
                   "tokens_per_s": tokens_per_step / elapsed, "step_time": elapsed,
                   "mfu": flops * tokens_per_step / elapsed / (peak * world) if peak else None}
@@ -137,8 +139,10 @@ def build(recipe: Recipe, vocab_size: int, world: int, device: torch.device):
     t = recipe.train
     optimizer = torch.optim.AdamW(param_groups(model, t.weight_decay), lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps,
                                   fused=device.type == "cuda")
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_multiplier(t, s))
-    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=schedule, config=ds_config)
+    # The schedule is built on DeepSpeed's wrapped optimizer, whose param groups are the ones that step.
+    engine, _, _, schedule = deepspeed.initialize(
+        model=model, optimizer=optimizer, config=ds_config,
+        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_multiplier(t, s)))
     if recipe.zero.compile:
         engine.compile()
     return engine, schedule, args

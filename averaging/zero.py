@@ -1,0 +1,54 @@
+"""The DeepSpeed ZeRO-3 side: where a rank's partitions live, their layout, and evaluating averaged weights in place."""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import deepspeed.comm as dist
+import torch
+from deepspeed.accelerator import get_accelerator
+
+from averaging.partitions import Layout
+
+
+def master_partitions(engine) -> list[torch.Tensor]:
+    """This rank's fp32 master partitions, one flat tensor per param (sub-)group, updated in place by each step."""
+    return list(engine.optimizer.fp32_partitioned_groups_flat)
+
+
+def layout(engine) -> Layout:
+    """Names (as in model.named_parameters(), tied parameters once) and full shapes, in the optimizer's order."""
+    names = {param: name for name, param in engine.module.named_parameters()}
+    groups = [[(names[param], tuple(param.ds_shape)) for param in group] for group in engine.optimizer.fp16_groups]
+    return Layout(groups, world_size=engine.optimizer.partition_count)
+
+
+def padding(engine) -> list[torch.Tensor]:
+    """Indices of this rank's padding elements per flat partition (for Averager's non-finite check)."""
+    return layout(engine).padding(dist.get_rank(group=engine.optimizer.dp_process_group))
+
+
+@contextmanager
+def swapped_in(engine, partitions: list[torch.Tensor]):
+    """Run the model on averaged weights: copy fp32 `partitions` into the compute partitions, restore bitwise on exit.
+
+    Collective: every rank must enter together (persistent parameters are re-gathered on entry and exit).
+    """
+    optimizer = engine.optimizer
+    compute = optimizer.fp16_partitioned_groups_flat  # each parameter's ds_tensor is a view into these
+    training = [t.clone() for t in compute]
+    # As around a checkpoint load: release every gathered parameter, rewrite the partitions, gather the persistent
+    # ones (which stay whole on every rank) again from the new partitions.
+    optimizer.checkpoint_event_prologue()
+    try:
+        for t, p in zip(compute, partitions):
+            t.copy_(p)  # host→device when the averages are offloaded; fp32→bf16 in bf16 runs
+        # The all-gathers read the partitions on DeepSpeed's own streams: the copies must have landed.
+        get_accelerator().synchronize()
+        optimizer.checkpoint_event_epilogue()
+        yield
+    finally:
+        optimizer.checkpoint_event_prologue()
+        torch._foreach_copy_(compute, training)
+        get_accelerator().synchronize()
+        optimizer.checkpoint_event_epilogue()

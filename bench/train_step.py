@@ -1,0 +1,90 @@
+"""Our training step against a plain DeepSpeed ZeRO-3 loop of the same model and batch, in the same run.
+
+    .venv/bin/deepspeed --num_gpus 2 bench/train_step.py --recipe recipes/tiny_cpu.yaml [--set ...] [--steps 20]
+
+Both loops drive one engine, in alternating blocks (so drift in the machine's speed hits both alike); each reports
+the median step time and tokens/s. Rank 0 prints a markdown row and appends a JSON line to --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path[0] = str(Path(__file__).resolve().parent.parent)
+
+import deepspeed.comm as dist  # noqa: E402
+import torch  # noqa: E402
+
+from data.loader import TokenWindows, TrainBatches, load_meta  # noqa: E402
+from data.prepare import prepare  # noqa: E402
+from launch.errors import cli  # noqa: E402
+from launch.pretrain import build, init_distributed, on_rank0, train_step  # noqa: E402
+from launch.recipe import load_recipe  # noqa: E402
+from model.sizes import count_params  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--recipe", required=True)
+    parser.add_argument("--set", action="append", default=[])
+    parser.add_argument("--steps", type=int, default=20, help="timed steps per loop (after 3 warm-up steps)")
+    parser.add_argument("--block", type=int, default=5, help="steps per alternating block")
+    parser.add_argument("--out", default="docs/bench_results.jsonl")
+    parser.add_argument("--local_rank", type=int, default=None)
+    args = parser.parse_args()
+    recipe = load_recipe(args.recipe, args.set)
+
+    device = init_distributed()
+    rank, world = dist.get_rank(), dist.get_world_size()
+    on_rank0(lambda: prepare(recipe.data))
+    seq_len = recipe.data.seq_len
+    engine, _, model_args = build(recipe, load_meta(recipe.data.dir)["vocab_size"], world, device)
+    batches = TrainBatches(TokenWindows(recipe.data.dir, "train", seq_len), rank, world, recipe.train.micro_batch,
+                           recipe.train.seed)
+
+    def plain_step():
+        for _ in range(recipe.train.grad_accum):
+            x, y = (t.to(device) for t in batches.next())
+            loss = engine(x, y)
+            engine.backward(loss)
+            engine.step()
+
+    def ours():
+        train_step(engine, batches, recipe.train.grad_accum, device)
+
+    timings = {"plain": [], "ours": []}
+    for _ in range(3):
+        plain_step()
+        ours()
+    while len(timings["ours"]) < args.steps:
+        for name, step in (("plain", plain_step), ("ours", ours)):
+            for _ in range(args.block):
+                dist.barrier()
+                t0 = time.perf_counter()
+                step()
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                timings[name].append(time.perf_counter() - t0)
+
+    tokens = recipe.train.micro_batch * recipe.train.grad_accum * world * seq_len
+    result = {"recipe": args.recipe, "overrides": args.set, "ranks": world, "params": count_params(model_args),
+              "tokens_per_step": tokens}
+    for name, times in timings.items():
+        median = statistics.median(times)
+        result[name] = {"step_s": median, "tokens_per_s": tokens / median}
+    result["ratio"] = result["ours"]["tokens_per_s"] / result["plain"]["tokens_per_s"]
+    if rank == 0:
+        print(f"| {result['params'] / 1e6:.1f}M | {world} | {result['plain']['step_s'] * 1e3:.0f} ms | "
+              f"{result['ours']['step_s'] * 1e3:.0f} ms | {result['plain']['tokens_per_s']:,.0f} | "
+              f"{result['ours']['tokens_per_s']:,.0f} | {result['ratio']:.3f} |")
+        with open(args.out, "a") as f:
+            f.write(json.dumps(result) + "\n")
+
+
+if __name__ == "__main__":
+    cli(main)

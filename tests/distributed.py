@@ -1,0 +1,72 @@
+"""Run a function on N CPU ranks (gloo, deepspeed.init_distributed) in fresh processes; collect each rank's result."""
+
+from __future__ import annotations
+
+import os
+import socket
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+
+def run_ranks(fn, world_size: int, *args, timeout: float = 300):
+    """`fn(rank, world_size, *args)` on every rank; returns their return values in rank order.
+
+    `fn` and `args` must be picklable (a module-level function). A rank that raises fails the test with its
+    traceback; the other ranks are then stopped, as they would wait forever in a collective.
+    """
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    context = mp.get_context("spawn")
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp)
+        procs = [context.Process(target=_rank_main, args=(fn, rank, world_size, port, out, args), daemon=True)
+                 for rank in range(world_size)]
+        for p in procs:
+            p.start()
+        deadline = time.monotonic() + timeout
+        try:
+            while any(p.is_alive() for p in procs) and time.monotonic() < deadline:
+                if any(p.exitcode not in (None, 0) for p in procs):
+                    break  # the others would wait for it forever
+                time.sleep(0.1)
+        finally:
+            alive = [rank for rank, p in enumerate(procs) if p.is_alive()]
+            for p in procs:
+                if p.is_alive():
+                    p.kill()
+                p.join()
+        # The first rank to fail is the cause; the others usually failed in a collective because of it.
+        errors = sorted(out.glob("rank*.error"), key=lambda f: f.stat().st_mtime_ns)
+        if errors:
+            pytest.fail("\n".join(f"{f.stem} of {world_size} failed:\n{f.read_text()}" for f in errors), pytrace=False)
+        for rank, p in enumerate(procs):
+            if p.exitcode != 0 and rank not in alive:
+                pytest.fail(f"rank {rank} of {world_size} exited with code {p.exitcode}", pytrace=False)
+        if alive:
+            pytest.fail(f"ranks {alive} of {world_size} still running after {timeout:g} s", pytrace=False)
+        return [torch.load(out / f"rank{rank}.pt") for rank in range(world_size)]
+
+
+def _rank_main(fn, rank: int, world_size: int, port: int, out: Path, args: tuple) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE=str(world_size), LOCAL_WORLD_SIZE=str(world_size))
+    torch.set_num_threads(1)  # the ranks share the machine's cores
+    try:
+        import deepspeed
+
+        deepspeed.init_distributed(dist_backend="gloo")
+        result = fn(rank, world_size, *args)
+        torch.save(result, out / f"rank{rank}.pt")
+    except Exception:
+        (out / f"rank{rank}.error").write_text(traceback.format_exc())
+        raise SystemExit(1)
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()

@@ -1,0 +1,137 @@
+"""End to end through `deepspeed launch/pretrain.py` on CPU ranks: training, averaging, checkpoints, resume."""
+
+from __future__ import annotations
+
+import base64
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+from averaging.state import read_full_average
+from data.loader import load_meta
+from launch.recipe import load_recipe
+from model.llama import Llama
+from model.sizes import resolve
+from tests.conftest import ROOT, SMALL, free_port, pretrain, read_metrics
+
+pytestmark = pytest.mark.slow
+
+# What a run records that depends on the machine's speed rather than on the computation.
+TIMING = {"tokens_per_s", "step_time", "mfu"}
+
+
+def computed(records: list[dict]) -> list[dict]:
+    return [{k: v for k, v in r.items() if k not in TIMING} for r in records]
+
+
+def test_two_ranks_train_and_log(run2):
+    records = read_metrics(run2)
+    assert [r["step"] for r in records] == list(range(1, 13))
+    val = [r["val_loss"] for r in records if "val_loss" in r]
+    assert len(val) == 3 and val[0] > val[1] > val[2]
+    for r in records:
+        assert r["mfu"] is None and r["tokens_per_s"] > 0 and r["grad_norm"] > 0
+        assert ("val_loss_ema" in r) == ("val_loss_lawa" in r) == ("val_loss" in r)
+    assert records[-1]["lr"] == pytest.approx(0.01 * 0.1)  # cosine down to final_lr
+    assert records[-1]["tokens"] == 12 * 2 * 4 * 64
+    ckpt = run2 / "checkpoints"
+    assert (ckpt / "latest").read_text() == "global_step12"
+    assert sorted(p.name for p in ckpt.iterdir() if p.name.startswith("global_step")) == sorted(
+        f"global_step{s}" for s in range(1, 13))
+    assert load_recipe(run2 / "recipe.yaml").run.dir == str(run2)
+
+
+def test_three_ranks_lower_val_loss(run3):
+    val = [r["val_loss"] for r in read_metrics(run3) if "val_loss" in r]
+    assert val[0] > val[1] > val[2]
+
+
+@pytest.mark.parametrize("run", ["run2", "run3"])
+def test_online_averages_equal_offline_averages_of_the_full_weights(run, request, data_dir):
+    """EMA and LAWA kept on local partitions equal the same averages computed from gathered full weights."""
+    run_dir = request.getfixturevalue(run)
+    ckpt = run_dir / "checkpoints"
+    recipe = load_recipe(run_dir / "recipe.yaml")
+    torch.manual_seed(recipe.train.seed)  # the initial weights θ0, built the way pretrain builds them
+    theta = Llama(resolve(recipe.model, load_meta(data_dir)["vocab_size"], recipe.data.seq_len)).state_dict()
+    ema = {k: v.clone() for k, v in theta.items()}
+    ring = []
+    ema_cfg, lawa_cfg = recipe.averaging.averages["ema"], recipe.averaging.averages["lawa"]
+    for step in range(1, recipe.train.steps + 1):
+        full = get_fp32_state_dict_from_zero_checkpoint(str(ckpt), tag=f"global_step{step}")
+        if step % ema_cfg.every == 0:
+            ema = {k: ema_cfg.beta * ema[k] + (1 - ema_cfg.beta) * full[k] for k in ema}
+        if step % lawa_cfg.every == 0:
+            ring = (ring + [full])[-lawa_cfg.window:]
+    lawa = {k: sum(s[k] for s in ring) / len(ring) for k in theta}
+    final = ckpt / f"global_step{recipe.train.steps}"
+    for name, oracle in (("ema", ema), ("lawa", lawa)):
+        online = read_full_average(final, name)
+        assert online.keys() == oracle.keys()
+        for k in oracle:
+            torch.testing.assert_close(online[k], oracle[k], rtol=1e-6, atol=1e-7, msg=f"{name} {k}")
+
+
+def _rank_states(step_dir: Path) -> list:
+    # DeepSpeed's own optimizer files are pickles: read here only to compare two runs.
+    return [torch.load(p, map_location="cpu", weights_only=False)["optimizer_state_dict"]
+            for p in sorted(step_dir.glob("*optim_states.pt"))]
+
+
+def assert_identical(a, b, where="") -> None:
+    if isinstance(a, torch.Tensor):
+        assert torch.equal(a, b), where
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys(), where
+        for k in a:
+            assert_identical(a[k], b[k], f"{where}/{k}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_identical(x, y, f"{where}/{i}")
+    elif hasattr(a, "__dict__"):  # DeepSpeed's own objects (its loss scaler) compare by their fields
+        assert_identical(vars(a), vars(b), where)
+    else:
+        assert a == b, where
+
+
+def test_resume_is_bitwise_identical(run2, data_dir, tmp_path):
+    """Stopped after step 6 and relaunched: the same losses, weights, optimizer state and averages."""
+    overrides = [f"data.dir={data_dir}", f"run.dir={tmp_path}", "checkpoint.every=1"]
+    pretrain(2, overrides, "--stop-after", "6")
+    assert (tmp_path / "checkpoints" / "latest").read_text() == "global_step6"
+    proc = pretrain(2, overrides)
+    assert "resumed from" in proc.stderr
+    assert computed(read_metrics(tmp_path)) == computed(read_metrics(run2))
+    a, b = run2 / "checkpoints" / "global_step12", tmp_path / "checkpoints" / "global_step12"
+    assert_identical(_rank_states(a), _rank_states(b))
+    for name in ("ema", "lawa"):
+        assert_identical(read_full_average(a, name), read_full_average(b, name))
+
+    # The same run directory with another model is refused, and nothing in it changes.
+    before = (tmp_path / "recipe.yaml").read_text()
+    proc = pretrain(2, overrides + ["model.dim=128"], check=False)
+    assert proc.returncode != 0
+    assert f"{tmp_path} holds checkpoints of another model (model.dim: 64 there, 128 now)" in proc.stderr
+    assert (tmp_path / "recipe.yaml").read_text() == before
+
+
+def test_two_node_launchers_on_loopback_form_one_world(run2, data_dir, tmp_path):
+    """DeepSpeed's per-node launcher, node_rank 0 and 1 on one machine: the same run as 2 local ranks."""
+    world = base64.urlsafe_b64encode(json.dumps({"node0": [0], "node1": [0]}).encode()).decode()
+    port = free_port()
+    sets = sum((["--set", s] for s in SMALL + [f"data.dir={data_dir}", f"run.dir={tmp_path}",
+                                               "checkpoint.every=1"]), [])
+    nodes = [subprocess.Popen([sys.executable, "-m", "deepspeed.launcher.launch", f"--world_info={world}",
+                               f"--node_rank={n}", "--master_addr=127.0.0.1", f"--master_port={port}",
+                               "launch/pretrain.py", "--recipe", "recipes/tiny_cpu.yaml", *sets],
+                              cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for n in (0, 1)]
+    outputs = [p.communicate(timeout=600)[0] for p in nodes]
+    assert [p.returncode for p in nodes] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
+    assert computed(read_metrics(tmp_path)) == computed(read_metrics(run2))
