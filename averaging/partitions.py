@@ -33,9 +33,17 @@ class ParamSlice:
     start: int
     stop: int
 
+    def unpadded(self, pieces: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """Its pieces from every rank, in rank order, cut where the parameter ends: the flattened parameter in parts."""
+        parts, left = [], math.prod(self.shape)
+        for piece in pieces:
+            parts.append(piece[:left])
+            left -= parts[-1].numel()
+        return parts
+
     def join(self, pieces: Sequence[torch.Tensor]) -> torch.Tensor:
         """The full parameter from its piece on every rank, in rank order, the last ranks' padding dropped."""
-        return torch.cat(list(pieces))[:math.prod(self.shape)].view(self.shape)
+        return torch.cat(self.unpadded(pieces)).view(self.shape)
 
 
 @dataclass(frozen=True)
@@ -134,9 +142,9 @@ def reshard_plan(saved: Layout, new: Layout, rank: int) -> list[Piece]:
     plan = []
     for was, now in zip(saved.params(), new.params()):
         old_chunk, new_chunk = was.stop - was.start, now.stop - now.start
-        lo, hi = rank * new_chunk, min((rank + 1) * new_chunk, math.prod(now.shape))  # this rank's share
+        lo, hi = rank * new_chunk, min((rank + 1) * new_chunk, math.prod(now.shape))  # this rank's elements
         for source in range(lo // old_chunk, (hi - 1) // old_chunk + 1) if lo < hi else ():
-            a, b = max(lo, source * old_chunk), min(hi, (source + 1) * old_chunk)
+            a, b = max(lo, source * old_chunk), min(hi, (source + 1) * old_chunk)  # those `source` held
             offset = was.start - source * old_chunk
             piece = Piece(now.group, source, a + offset, b + offset, now.start + a - lo)
             last = plan[-1] if plan else None

@@ -69,7 +69,7 @@ def load_state(averager: Averager, directory: str | Path, rank: int, world_size:
         raise UserError(f"{path}: the averages were saved by {description['world_size']} ranks, this run has "
                         f"{world_size}; resume on {description['world_size']} ranks")
     if layout is not None:
-        difference = _difference(Layout.from_dict(description["layout"]), layout)
+        difference = layout_difference(Layout.from_dict(description["layout"]), layout)
         if difference:
             raise UserError(f"{path}: the saved partition layout differs from this model's: {difference}")
     tensors, meta = _read_rank(directory, rank)
@@ -117,8 +117,26 @@ class AverageFiles:
         self.step = description["step"]
         self.layout = Layout.from_dict(description["layout"])
         self.cfg = AverageConfig(**{k: v for k, v in self.entry.items() if k in HYPERPARAMETERS})
-        with self.reader():
-            pass  # every rank's file is there, consistent and of the layout's sizes
+        groups = range(len(self.layout.groups))
+        keys = make_average(self.cfg, [torch.zeros(0) for _ in groups]).buffers()
+        for rank in range(self.layout.world_size):
+            path = rank_file(directory, rank)
+            if not path.is_file():
+                raise UserError(f"{path}: not found; the averaging state of rank {rank} is missing")
+            with safe_open(str(path), framework="pt") as f:
+                counters = json.loads(f.metadata()["meta"])["averages"].get(name)
+                if counters != self.entry:
+                    # Ranks sample independently; only the same choices on every rank give one consistent average.
+                    raise UserError(f"{path}: rank {rank}'s '{name}' counters {counters} differ from rank 0's "
+                                    f"{self.entry}")
+                saved = set(f.keys())
+                for key in keys:
+                    numel = self.layout.partition_numel(int(key.rsplit(".", 1)[1]))
+                    shape = f.get_slice(f"{name}.{key}").get_shape() if f"{name}.{key}" in saved else None
+                    if shape is None or shape[-1] != numel:
+                        have = "missing" if shape is None else f"of shape {shape}"
+                        raise UserError(f"{path}: {name}.{key} is {have}; the saved layout gives this rank "
+                                        f"{numel} elements")
 
     @contextmanager
     def reader(self):
@@ -126,29 +144,9 @@ class AverageFiles:
 
         Each rank's file is memory-mapped while the reader is open and only the slices asked for are read.
         """
-        groups = range(len(self.layout.groups))
-        keys = make_average(self.cfg, [torch.zeros(0) for _ in groups]).buffers()
         with ExitStack() as stack:
-            files = []
-            for rank in range(self.layout.world_size):
-                path = rank_file(self.directory, rank)
-                if not path.is_file():
-                    raise UserError(f"{path}: not found; the averaging state of rank {rank} is missing")
-                f = stack.enter_context(safe_open(str(path), framework="pt"))
-                counters = json.loads(f.metadata()["meta"])["averages"].get(self.name)
-                if counters != self.entry:
-                    # Ranks sample independently; only the same choices on every rank give one consistent average.
-                    raise UserError(f"{path}: rank {rank}'s '{self.name}' counters {counters} differ from rank 0's "
-                                    f"{self.entry}")
-                saved = set(f.keys())
-                for key in keys:
-                    numel = self.layout.partition_numel(int(key.rsplit(".", 1)[1]))
-                    shape = f.get_slice(f"{self.name}.{key}").get_shape() if f"{self.name}.{key}" in saved else None
-                    if shape is None or shape[-1] != numel:
-                        have = "missing" if shape is None else f"of shape {shape}"
-                        raise UserError(f"{path}: {self.name}.{key} is {have}; the saved layout gives this rank "
-                                        f"{numel} elements")
-                files.append(f)
+            files = [stack.enter_context(safe_open(str(rank_file(self.directory, rank)), framework="pt"))
+                     for rank in range(self.layout.world_size)]
 
             def read(rank: int, group: int, start: int, stop: int) -> torch.Tensor:
                 average = make_average(self.cfg, [torch.zeros(stop - start)])
@@ -178,7 +176,7 @@ def _read_rank(directory: str | Path, rank: int) -> tuple[dict[str, torch.Tensor
         return tensors, json.loads(f.metadata()["meta"])
 
 
-def _difference(saved: Layout, now: Layout) -> str | None:
+def layout_difference(saved: Layout, now: Layout) -> str | None:
     """The first difference between two layouts, in words."""
     if saved.world_size != now.world_size:
         return f"{saved.world_size} ranks saved, {now.world_size} now"

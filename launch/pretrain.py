@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -23,12 +24,14 @@ import torch  # noqa: E402
 import yaml  # noqa: E402
 
 from averaging.averages import Averager  # noqa: E402
+from averaging.reshard import load_resharded_state  # noqa: E402
 from averaging.state import load_state, save_state  # noqa: E402
 from averaging.zero import layout, master_partitions, padding, swapped_in  # noqa: E402
 from data.loader import TokenWindows, TrainBatches, load_meta, val_batches  # noqa: E402
 from data.prepare import prepare  # noqa: E402
-from launch import checkpoint  # noqa: E402
+from launch import checkpoint, universal  # noqa: E402
 from launch.ds_config import deepspeed_config  # noqa: E402
+from launch.memory import check_fits, estimate  # noqa: E402
 from launch.errors import UserError, cli  # noqa: E402
 from launch.metrics import MetricsLog  # noqa: E402
 from launch.recipe import Recipe, load_recipe, recipe_to_dict, save_recipe  # noqa: E402
@@ -43,21 +46,36 @@ def main() -> None:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a recipe key (dotted), e.g. --set train.steps=100; repeatable")
     parser.add_argument("--stop-after", type=int, default=None, metavar="STEP",
-                        help="leave after this step (e.g. before a job's time limit); the next launch resumes")
+                        help="leave after this step (e.g. before a job's time limit); the next launch resumes; "
+                             "the step resumed from, on another number of ranks: save it resharded and leave")
     parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # passed by deepspeed
     args = parser.parse_args()
-    train(load_recipe(args.recipe, args.set), stop_after=args.stop_after)
+    recipe = load_recipe(args.recipe, args.set)
+    signal.signal(signal.SIGTERM, _raise_stopped)
+    try:
+        train(recipe, stop_after=args.stop_after)
+    except UserError:
+        raise
+    except Exception as e:
+        _explain_stop(e, Path(recipe.run.dir) / "checkpoints")
+        raise
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # over: a SIGTERM now (the launcher tidying up) just ends it
 
 
 def train(recipe: Recipe, stop_after: int | None = None) -> None:
     device = init_distributed()
     rank, world = dist.get_rank(), dist.get_world_size()
     run_dir, ckpt_dir = Path(recipe.run.dir), Path(recipe.run.dir) / "checkpoints"
-    on_rank0(lambda: _claim_run_dir(recipe, run_dir, ckpt_dir))
     on_rank0(lambda: prepare(recipe.data))
     meta = load_meta(recipe.data.dir)
 
-    engine, schedule, args = build(recipe, meta["vocab_size"], world, device)
+    # The checkpoint to resume from, if any. One written by another number of ranks is loaded through DeepSpeed's
+    # universal checkpoint, and the engine must be built for that.
+    latest = checkpoint.newest_intact(ckpt_dir)
+    reshard = latest is not None and universal.saved_world_size(ckpt_dir / checkpoint.tag_of(latest)) != world
+    engine, schedule, args = build(recipe, meta["vocab_size"], world, device, load_universal=reshard)
+    on_rank0(lambda: _claim_run_dir(recipe, run_dir, ckpt_dir))  # after the input checks: bad input writes nothing
     partition_layout = layout(engine)
     averager = (Averager(recipe.averaging, master_partitions(engine), padding=padding(engine))
                 if recipe.averaging.averages else None)
@@ -68,20 +86,26 @@ def train(recipe: Recipe, stop_after: int | None = None) -> None:
     held_out = val_batches(TokenWindows(recipe.data.dir, "val", seq_len), rank, world, recipe.train.micro_batch,
                            recipe.eval.batches)
 
-    # Resume from the latest complete checkpoint, if any.
+    # Resume from the latest intact checkpoint, if any.
     start, bad_steps = 0, 0
-    if rank == 0:
-        checkpoint.remove_unfinished(ckpt_dir)
-    latest = checkpoint.latest_step(ckpt_dir)
+    on_rank0(lambda: universal.prepare(ckpt_dir, latest if reshard else None))  # converted once, the others wait
+    source = universal.UniversalEngine(engine, universal.root(ckpt_dir)) if reshard else engine
+    load_averages = load_resharded_state if reshard else load_state
     if latest is not None:
-        state = checkpoint.load(engine, ckpt_dir, latest,
-                                lambda d: averager and load_state(averager, d, rank, world, partition_layout))
+        state = checkpoint.load(source, ckpt_dir, latest,
+                                lambda d: averager and load_averages(averager, d, rank, world, partition_layout))
         batches.load_state_dict(state["sampler"])
         start, bad_steps = state["step"], state["bad_steps"]
 
     log = MetricsLog(recipe, run_dir, start, enabled=rank == 0)
     if latest is not None:
         log.note(f"resumed from {ckpt_dir / checkpoint.tag_of(latest)}")
+    if reshard:
+        for line in source.notes():
+            log.note(line)
+        if stop_after == start:  # resharding was all that was asked: saved again as this world size's checkpoint
+            checkpoint.save(engine, ckpt_dir, start, state,
+                            lambda d: averager and save_state(averager, partition_layout, d, rank, world))
     tokens_per_step = recipe.train.micro_batch * recipe.train.grad_accum * world * seq_len
     flops = flops_per_token(args, seq_len)
     peak = peak_flops(_device_name(device), recipe.train.precision, recipe.log.peak_tflops)
@@ -94,10 +118,11 @@ def train(recipe: Recipe, stop_after: int | None = None) -> None:
         bad_steps = bad_steps + 1 if math.isnan(loss) else 0
         if bad_steps:
             schedule.step()  # a skipped step still counts, so the LR stays aligned with the step number
-            log.note(f"step {step}: non-finite loss, update skipped ({bad_steps} in a row)")
+            log.note(f"step {step}: non-finite loss or gradients, update skipped ({bad_steps} in a row)")
             if bad_steps >= recipe.train.max_bad_steps:
-                raise UserError(f"{bad_steps} non-finite losses in a row at step {step} (train.max_bad_steps="
-                                f"{recipe.train.max_bad_steps}); the last good checkpoint is in {ckpt_dir}")
+                raise UserError(f"{bad_steps} non-finite losses or gradients in a row at step {step} "
+                                f"(train.max_bad_steps={recipe.train.max_bad_steps}); the last good checkpoint: "
+                                f"{checkpoint.describe_latest(ckpt_dir)}")
 
         events = averager.update(step, loss, master_partitions(engine)) if averager else []
         for event in events:
@@ -113,7 +138,8 @@ def train(recipe: Recipe, stop_after: int | None = None) -> None:
             for name in averager.names if averager else ():
                 with swapped_in(engine, averager.weights(name)):
                     record[f"val_loss_{name}"] = evaluate(engine, held_out)
-        if _due(step, recipe.checkpoint.every, recipe.train.steps) or step == last:
+        # None during a run of skipped updates: it would hold the last good weights again and push them out.
+        if (_due(step, recipe.checkpoint.every, recipe.train.steps) or step == last) and not bad_steps:
             trainer_state = {"step": step, "sampler": batches.state_dict(), "bad_steps": bad_steps,
                              "val_loss": record.get("val_loss")}
             checkpoint.save(engine, ckpt_dir, step, trainer_state,
@@ -128,11 +154,15 @@ def train(recipe: Recipe, stop_after: int | None = None) -> None:
     dist.barrier()
 
 
-def build(recipe: Recipe, vocab_size: int, world: int, device: torch.device):
+def build(recipe: Recipe, vocab_size: int, world: int, device: torch.device, load_universal: bool = False):
     """The DeepSpeed engine, its LR schedule and the model's shape. The model is partitioned as it is constructed,
-    so no rank ever holds it whole."""
+    so no rank ever holds it whole. `load_universal`: the engine is to load a universal checkpoint."""
     args = resolve(recipe.model, vocab_size, recipe.data.seq_len)
-    ds_config = deepspeed_config(recipe, world)
+    need = estimate(recipe, args, world, int(os.environ.get("LOCAL_SIZE", 1)), device.type == "cuda")
+    if dist.get_rank() == 0:
+        print(f"memory estimate (model states and averages; activations extra): {need}", file=sys.stderr)
+    check_fits(need, device.type == "cuda")
+    ds_config = deepspeed_config(recipe, world, load_universal)
     torch.manual_seed(recipe.train.seed)
     with deepspeed.zero.Init(config_dict_or_path=ds_config):
         model = Llama(args, activation_checkpointing=recipe.zero.activation_checkpointing)
@@ -150,7 +180,7 @@ def build(recipe: Recipe, vocab_size: int, world: int, device: torch.device):
 
 def train_step(engine, batches: TrainBatches, grad_accum: int, device: torch.device) -> float:
     """One optimizer step over `grad_accum` micro-batches; the mean loss, or NaN when the update was skipped."""
-    losses = []
+    losses, skipped = [], engine.skipped_steps
     for micro in range(grad_accum):
         x, y = (t.to(device, non_blocking=True) for t in batches.next())
         loss = engine(x, y)
@@ -164,6 +194,8 @@ def train_step(engine, batches: TrainBatches, grad_accum: int, device: torch.dev
         engine.backward(loss)
         engine.step()  # DeepSpeed steps the optimizer only at the accumulation boundary
         losses.append(loss.detach())
+    if engine.skipped_steps > skipped:  # DeepSpeed dropped the update itself: the gradients were not finite
+        return math.nan
     return _mean_over_ranks(losses)
 
 
@@ -186,6 +218,8 @@ def init_distributed() -> torch.device:
         torch.cuda.set_device(local_rank)
         deepspeed.init_distributed(dist_backend="nccl")
         return torch.device("cuda", local_rank)
+    if "OMP_NUM_THREADS" not in os.environ:  # without core binding, every rank would start a thread per core
+        torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // int(os.environ.get("LOCAL_SIZE", 1))))
     deepspeed.init_distributed(dist_backend="gloo")
     return torch.device("cpu")
 
@@ -219,10 +253,52 @@ def _claim_run_dir(recipe: Recipe, run_dir: Path, ckpt_dir: Path) -> None:
     save_recipe(recipe, saved)
 
 
+class _Stopped(Exception):
+    """SIGTERM: from the launcher when another rank died, or from the scheduler (time limit, preemption)."""
+
+
+def _raise_stopped(signum, frame):
+    raise _Stopped()
+
+
+def _explain_stop(error: Exception, ckpt_dir: Path) -> None:
+    """A rank that dies, or a SIGTERM, stops the others wherever they are. Instead of their tracebacks: one line
+    (from the lowest surviving local rank) saying why and how to go on, and exit code 1."""
+    lost, alive = _local_ranks()
+    peer_gone = isinstance(error, torch.distributed.DistError) or "by peer" in str(error)
+    if not (lost or peer_gone or isinstance(error, _Stopped)):
+        return
+    if int(os.environ.get("LOCAL_RANK", "0")) == min(alive):
+        why = (f"rank {', '.join(map(str, lost))} died (killed, or crashed: see its output above)" if lost
+               else "stopped by SIGTERM" if isinstance(error, _Stopped) else "a rank on another node died")
+        print(f"error: {why}; run the same command again to resume from the last checkpoint: "
+              f"{checkpoint.describe_latest(ckpt_dir)}", file=sys.stderr)
+    sys.exit(1)
+
+
+def _local_ranks() -> tuple[list[int], list[int]]:
+    """The global ranks this node's launcher started that are gone, and the local ranks still running."""
+    import psutil
+
+    size = int(os.environ.get("LOCAL_SIZE") or os.environ.get("LOCAL_WORLD_SIZE") or "1")
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    alive = {local}
+    for sibling in psutil.Process().parent().children():
+        try:
+            if sibling.status() != psutil.STATUS_ZOMBIE and "LOCAL_RANK" in (env := sibling.environ()):
+                alive.add(int(env["LOCAL_RANK"]))
+        except psutil.Error:
+            pass  # gone while we looked, or not ours to read
+    first = int(os.environ.get("RANK", "0")) - local  # the launcher numbers a node's ranks consecutively
+    return [first + r for r in range(size) if r not in alive], sorted(alive)
+
+
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     """Weight decay on matrices only, not on norms (the usual GPT recipe)."""
-    decay = [p for p in model.parameters() if p.ndim >= 2]
-    no_decay = [p for p in model.parameters() if p.ndim < 2]
+    # Under zero.Init a parameter's data is already an empty placeholder; its real shape is ds_shape.
+    matrix = {id(p) for p in model.parameters() if len(getattr(p, "ds_shape", p.shape)) >= 2}
+    decay = [p for p in model.parameters() if id(p) in matrix]
+    no_decay = [p for p in model.parameters() if id(p) not in matrix]
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -44,6 +45,10 @@ def test_two_ranks_train_and_log(run2):
     assert sorted(p.name for p in ckpt.iterdir() if p.name.startswith("global_step")) == sorted(
         f"global_step{s}" for s in range(1, 13))
     assert load_recipe(run2 / "recipe.yaml").run.dir == str(run2)
+    # Weight decay on the matrices, none on the norms: two optimizer groups survive ZeRO-3's partitioning.
+    for state in _rank_states(ckpt / "global_step12"):
+        groups = state["optimizer_state_dict"]["param_groups"]
+        assert [g["weight_decay"] for g in groups] == [0.1, 0.0]
 
 
 def test_three_ranks_lower_val_loss(run3):
@@ -125,12 +130,15 @@ def test_two_node_launchers_on_loopback_form_one_world(run2, data_dir, tmp_path)
     """DeepSpeed's per-node launcher, node_rank 0 and 1 on one machine: the same run as 2 local ranks."""
     world = base64.urlsafe_b64encode(json.dumps({"node0": [0], "node1": [0]}).encode()).decode()
     port = free_port()
+    # The same threads per rank as two ranks sharing this machine, so the arithmetic is the same too.
+    threads = str(max(1, len(os.sched_getaffinity(0)) // 2))
     sets = sum((["--set", s] for s in SMALL + [f"data.dir={data_dir}", f"run.dir={tmp_path}",
                                                "checkpoint.every=1"]), [])
     nodes = [subprocess.Popen([sys.executable, "-m", "deepspeed.launcher.launch", f"--world_info={world}",
                                f"--node_rank={n}", "--master_addr=127.0.0.1", f"--master_port={port}",
                                "launch/pretrain.py", "--recipe", "recipes/tiny_cpu.yaml", *sets],
-                              cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                              cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              env={**os.environ, "OMP_NUM_THREADS": threads})
              for n in (0, 1)]
     outputs = [p.communicate(timeout=600)[0] for p in nodes]
     assert [p.returncode for p in nodes] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]

@@ -1,0 +1,227 @@
+"""Post-hoc averaging: average saved checkpoints offline, exploring windows without retraining.
+
+    python -m averaging.posthoc runs/tiny_cpu/checkpoints --method lawa --window 5 --every 2 --out-tag lawa5
+    python -m averaging.consolidate runs/tiny_cpu/checkpoints --tag lawa5 --weights lawa5 --out release/lawa5
+    python -m averaging.posthoc runs/tiny_cpu/checkpoints --method ema --beta 0.9 --release release/ema09
+
+Selection, in this order, from every checkpoint the trainer saved: --every K keeps every K-th counted back from the
+newest (which stays), --skip-spikes F drops those whose training loss exceeds F × the median of the preceding
+losses (the recipe's averaging.spike_guard.history of them, as the online guard), --last N keeps the newest N,
+--best K the K of lowest val loss. The methods, over the selected checkpoints θ_1..θ_n in step order:
+  sma   their mean
+  lawa  the mean of the last W (LAWA's window, Kaddour 2022)
+  ema   θ ← β·θ + (1−β)·θ_s for s = 2..n, from θ_1 (the online EMA, averaging/averages.py, replayed)
+It runs rank by rank, partition by partition: a rank's fp32 flat partitions from each checkpoint (memory-mapped)
+accumulate into one buffer per param group, so nothing the size of the model is ever allocated. The result is saved
+in the averaging state format, as an average inside a checkpoint-like directory of the run (--out-tag), or goes
+straight to a release folder (--release).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import statistics
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from averaging.averages import make_average
+from averaging.consolidate import DTYPES, MasterWeights, Run, refuse_existing, temp_dir_beside, write_release
+from averaging.state import AverageFiles, save_weights
+from launch.errors import UserError, cli
+from launch.recipe import AverageConfig
+
+METHODS = ("sma", "ema", "lawa")
+
+
+@dataclass
+class Saved:
+    """A checkpoint the trainer wrote (it has a trainer.json)."""
+
+    directory: Path
+    step: int
+    val_loss: float | None
+
+
+def saved_checkpoints(ckpt_dir: Path) -> list[Saved]:
+    """The trainer's checkpoints in `ckpt_dir`, by step (directories made here hold no trainer.json)."""
+    if not ckpt_dir.is_dir():
+        raise UserError(f"{ckpt_dir}: no such checkpoints directory")
+    saved = []
+    for path in ckpt_dir.iterdir():
+        trainer = path / "trainer.json"
+        if not path.name.startswith(".") and trainer.is_file():
+            state = json.loads(trainer.read_text())
+            saved.append(Saved(path, state["step"], state.get("val_loss")))
+    return sorted(saved, key=lambda s: s.step)
+
+
+def read_metrics(run_dir: Path) -> dict[int, dict]:
+    """metrics.jsonl by step; after a resume the step's last record counts."""
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        return {}
+    records = (json.loads(line) for line in path.read_text().splitlines() if line.strip())
+    return {r["step"]: r for r in records}
+
+
+def select(saved: list[Saved], metrics: dict[int, dict], every: int = 1, skip_spikes: float | None = None,
+           history: int = 20, last: int | None = None, best: int | None = None) -> list[Saved]:
+    """The checkpoints to average, in step order (the order of selection is the module docstring's)."""
+    chosen = saved[::-1][::every][::-1]
+    if skip_spikes is not None:
+        chosen = [s for s in chosen if not _spike(s.step, metrics, skip_spikes, history)]
+    if last is not None:
+        chosen = chosen[-last:]
+    if best is not None:
+        scored = [(v, s.step, s) for s in chosen
+                  if (v := s.val_loss if s.val_loss is not None else metrics.get(s.step, {}).get("val_loss"))
+                  is not None]
+        if len(scored) < best:
+            raise UserError(f"--best {best}: only {len(scored)} of the {len(chosen)} checkpoints left have a val "
+                            f"loss (eval.every decides which steps are evaluated)")
+        chosen = sorted((s for _, _, s in sorted(scored)[:best]), key=lambda s: s.step)
+    return chosen
+
+
+def _spike(step: int, metrics: dict[int, dict], factor: float, history: int) -> bool:
+    """The training loss of `step` is non-finite (logged as null) or above factor × the median of the last
+    `history` finite losses logged before it; every loss joins the history, spikes too, as in the online guard."""
+    if "loss" not in metrics.get(step, {}):
+        raise UserError(f"--skip-spikes: metrics.jsonl has no training loss of step {step} (log.every)")
+    loss = metrics[step]["loss"]
+    before = [r["loss"] for s, r in sorted(metrics.items()) if s < step and r.get("loss") is not None][-history:]
+    return loss is None or bool(before) and loss > factor * statistics.median(before)
+
+
+def average(sources: list[MasterWeights], method: str, beta: float | None, rank: int) -> list[torch.Tensor]:
+    """One rank's average: each checkpoint's fp32 flat partitions of the rank accumulated into one buffer per group."""
+    first = sources[0].partitions(rank)
+    if method == "ema":
+        ema = make_average(AverageConfig(kind="ema", beta=beta), first)
+        del first
+        for source in sources[1:]:
+            ema.sample(source.partitions(rank))
+        return ema.weights()
+    total = [t.clone() for t in first]
+    del first
+    for source in sources[1:]:
+        torch._foreach_add_(total, source.partitions(rank))
+    torch._foreach_div_(total, float(len(sources)))
+    return total
+
+
+def posthoc(ckpt_dir: Path, method: str, *, every: int = 1, last: int | None = None, beta: float | None = None,
+            window: int | None = None, skip_spikes: float | None = None, best: int | None = None,
+            out_tag: str | None = None, release: Path | None = None, dtype: str = "fp32",
+            max_shard_size: str = "5GB") -> Path:
+    """Average saved checkpoints into `ckpt_dir / out_tag` (averaging state) or the release folder `release`."""
+    _check_options(method, beta, window, every, last, best, skip_spikes)
+    if (out_tag is None) == (release is None):
+        raise ValueError("give exactly one of out_tag and release")
+    target = release if release is not None else ckpt_dir / _check_tag(out_tag)
+    refuse_existing(target)
+    run = Run.of(ckpt_dir)
+    saved = saved_checkpoints(ckpt_dir)
+    chosen = select(saved, read_metrics(run.dir), every, skip_spikes, run.recipe.averaging.spike_guard.history,
+                    last, best)
+    if method == "lawa":
+        chosen = chosen[-window:]
+    if not chosen:
+        raise UserError(f"{ckpt_dir}: no checkpoint left to average ({len(saved)} saved)")
+    sources = _consistent([MasterWeights(s.directory) for s in chosen])
+    run.check(sources[0].layout, sources[0].directory)
+
+    name = out_tag or method
+    options = {"beta": beta} if method == "ema" else {"window": window} if method == "lawa" else {}
+    info = {"posthoc": {"method": method, **options, "every": every, "skip_spikes": skip_spikes, "last": last,
+                        "best": best, "checkpoints": [s.directory.name for s in chosen],
+                        "steps": [s.step for s in chosen]}}
+    state_dir = temp_dir_beside(target)
+    try:
+        layout = sources[0].layout
+        for rank in tqdm(range(layout.world_size), desc=f"{method} of {len(chosen)} checkpoints", unit="rank",
+                         disable=None):
+            save_weights(average(sources, method, beta, rank), layout, state_dir, rank, name, chosen[-1].step, info)
+        if release is not None:
+            write_release(AverageFiles(state_dir, name), run, release, dtype, max_shard_size,
+                          {"checkpoint": str(ckpt_dir.resolve()), "step": chosen[-1].step,
+                           "weights": f"posthoc {method}", **info})
+        else:
+            refuse_existing(target)
+            os.rename(state_dir, target)
+    finally:
+        shutil.rmtree(state_dir, ignore_errors=True)
+    return target
+
+
+def _check_options(method, beta, window, every, last, best, skip_spikes) -> None:
+    if method not in METHODS:
+        raise UserError(f"--method {method}: one of {', '.join(METHODS)}")
+    if (beta is not None) != (method == "ema"):
+        raise UserError("--beta is the EMA's decay: give it with --method ema, and only then")
+    if (window is not None) != (method == "lawa"):
+        raise UserError("--window is LAWA's window: give it with --method lawa, and only then")
+    if beta is not None and not 0 <= beta < 1:
+        raise UserError(f"--beta {beta}: must be in [0, 1)")
+    for flag, value in (("--window", window), ("--every", every), ("--last", last), ("--best", best)):
+        if value is not None and value < 1:
+            raise UserError(f"{flag} {value}: must be at least 1")
+    if skip_spikes is not None and skip_spikes <= 1:
+        raise UserError(f"--skip-spikes {skip_spikes}: must be above 1")
+
+
+def _check_tag(tag: str) -> str:
+    if not tag.isidentifier() or tag == "raw" or re.fullmatch(r"global_step\d+", tag):
+        raise UserError(f"--out-tag {tag}: must be a name of letters, digits and underscores, not 'raw' and not "
+                        "a training checkpoint's global_step<N>")
+    return tag
+
+
+def _consistent(sources: list[MasterWeights]) -> list[MasterWeights]:
+    """Only checkpoints of one model and one partition layout (world size) average partition by partition."""
+    first = sources[0]
+    for other in sources[1:]:
+        if other.layout != first.layout:
+            a, b = first.layout.world_size, other.layout.world_size
+            why = f"written by {a} and {b} ranks" if a != b else "their parameters or partitions differ"
+            raise UserError(f"{first.directory.name} and {other.directory.name} cannot be averaged together: {why}")
+    return sources
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("checkpoints", type=Path, help="a run's checkpoints directory (<run.dir>/checkpoints)")
+    parser.add_argument("--method", required=True, choices=METHODS)
+    parser.add_argument("--every", type=int, default=1, metavar="K", help="every K-th saved checkpoint")
+    parser.add_argument("--last", type=int, metavar="N", help="the newest N")
+    parser.add_argument("--beta", type=float, metavar="B", help="the EMA's decay (--method ema)")
+    parser.add_argument("--window", type=int, metavar="W", help="LAWA's window (--method lawa)")
+    parser.add_argument("--skip-spikes", type=float, metavar="FACTOR",
+                        help="drop checkpoints whose training loss exceeds FACTOR x the median of the preceding")
+    parser.add_argument("--best", type=int, metavar="K", help="the K of lowest val loss")
+    out = parser.add_mutually_exclusive_group(required=True)
+    out.add_argument("--out-tag", metavar="NAME",
+                     help="save as average NAME in <checkpoints>/NAME (consolidate --tag NAME --weights NAME)")
+    out.add_argument("--release", type=Path, metavar="DIR", help="write a transformers release folder")
+    parser.add_argument("--dtype", choices=DTYPES, help="with --release (default: fp32)")
+    parser.add_argument("--max-shard-size", help="with --release (default: 5GB)")
+    args = parser.parse_args()
+    if args.release is None and (args.dtype or args.max_shard_size):
+        raise UserError("--dtype and --max-shard-size go with --release")
+    target = posthoc(args.checkpoints, args.method, every=args.every, last=args.last, beta=args.beta,
+                     window=args.window, skip_spikes=args.skip_spikes, best=args.best, out_tag=args.out_tag,
+                     release=args.release, dtype=args.dtype or "fp32", max_shard_size=args.max_shard_size or "5GB")
+    if args.out_tag:
+        print(f"wrote {target}; export it with: python -m averaging.consolidate {args.checkpoints} "
+              f"--tag {args.out_tag} --weights {args.out_tag} --out DIR")
+
+
+if __name__ == "__main__":
+    cli(main)
