@@ -36,6 +36,7 @@ from tests.conftest import DEEPSPEED, ROOT, SMALL, free_port, read_metrics, run_
 from tests.test_pretrain import TIMING, _rank_states, assert_identical
 
 TARGETS = ("rank 0", "rank 1", "all")
+STEPS = next(int(item.split("=")[1]) for item in SMALL if item.startswith("train.steps="))
 
 
 def command(run_dir: Path, data_dir: Path) -> list[str]:
@@ -88,8 +89,8 @@ def _phase(ckpt_dir: Path) -> str:
     saving = sorted(p.name.removeprefix(".tmp-global_step") for p in ckpt_dir.glob(".tmp-global_step*"))
     if saving:
         return f"saving step {saving[0]}"
-    latest = checkpoint.latest_step(ckpt_dir)
-    return f"in step {(latest or 0) + 1}"
+    latest = checkpoint.latest_step(ckpt_dir) or 0
+    return "past the last step" if latest == STEPS else f"in step {latest + 1}"
 
 
 def _reached(ckpt_dir: Path, kill: Kill) -> bool:
@@ -187,11 +188,10 @@ def main() -> None:
     if not (reference / "checkpoints" / "latest").is_file():
         shutil.rmtree(reference, ignore_errors=True)
         run_cli(command(reference, data_dir))
-    steps = max(last_records(reference))
 
     rng, rows = random.Random(args.seed), []
     for number in range(1, args.trials + 1):
-        rows.append(trial(args.work, data_dir, reference, number, random_kill(rng, steps)))
+        rows.append(trial(args.work, data_dir, reference, number, random_kill(rng, STEPS)))
         print(json.dumps(rows[-1]), flush=True)
     print(table(rows))
     shown = " ".join(command(Path("<run.dir>"), Path("<data.dir>"))).replace(str(DEEPSPEED), ".venv/bin/deepspeed")

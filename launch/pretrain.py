@@ -8,6 +8,7 @@ build → resume → for each step: batch, forward, backward, step, average, eva
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import os
 import signal
@@ -221,7 +222,19 @@ def init_distributed() -> torch.device:
     if "OMP_NUM_THREADS" not in os.environ:  # without core binding, every rank would start a thread per core
         torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // int(os.environ.get("LOCAL_SIZE", 1))))
     deepspeed.init_distributed(dist_backend="gloo")
+    _unlink_shm_buffer()
     return torch.device("cpu")
+
+
+def _unlink_shm_buffer() -> None:
+    """DeepSpeed's CPU all-reduce maps a /dev/shm buffer per rank (66 MiB) and never removes it. Every rank has
+    mapped every buffer by the time init_distributed returns, so the names can go now: the memory is freed when the
+    last rank exits, even one that is killed."""
+    dist.barrier()
+    name = (f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR')}_"
+            f"{os.environ.get('MASTER_PORT')}_{dist.get_rank()}")
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(name)
 
 
 def on_rank0(fn) -> None:

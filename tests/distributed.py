@@ -56,12 +56,11 @@ def run_ranks(fn, world_size: int, *args, timeout: float = 300):
 
 def _rank_main(fn, rank: int, world_size: int, port: int, out: Path, args: tuple) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
-                      WORLD_SIZE=str(world_size), LOCAL_WORLD_SIZE=str(world_size))
-    torch.set_num_threads(1)  # the ranks share the machine's cores
+                      WORLD_SIZE=str(world_size), LOCAL_WORLD_SIZE=str(world_size), LOCAL_SIZE=str(world_size))
     try:
-        import deepspeed
+        from launch.pretrain import init_distributed
 
-        deepspeed.init_distributed(dist_backend="gloo")
+        init_distributed()  # as training does: the ranks share the cores, DeepSpeed's shm buffers are unlinked
         result = fn(rank, world_size, *args)
         torch.save(result, out / f"rank{rank}.pt")
     except Exception:

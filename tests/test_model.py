@@ -142,7 +142,9 @@ def test_init_survives_deepspeed_zero_init():
         from model.llama import Llama
         from model.sizes import LlamaArgs
 
-        deepspeed.init_distributed(dist_backend="gloo")
+        from launch.pretrain import init_distributed
+
+        init_distributed()
         args = LlamaArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=96, vocab_size=128, max_seq_len=32,
                          tie_embeddings=True)
         torch.manual_seed(0)
