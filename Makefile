@@ -34,9 +34,8 @@ demo: setup
 	$(DS) recipes/tiny_cpu_short.yaml
 	for w in $(WEIGHTS); do test -d release/tiny_cpu_$$w || \
 		$(BIN)/python -m averaging.consolidate runs/tiny_cpu/checkpoints --weights $$w --out release/tiny_cpu_$$w; done
-	for w in $(WEIGHTS); do $(BIN)/python -m eval.evaluate release/tiny_cpu_$$w; done
-	$(BIN)/python -m eval.compare runs/tiny_cpu runs/tiny_cpu_short --out reports/tiny_cpu \
-		--evaluate $(foreach w,$(WEIGHTS),release/tiny_cpu_$(w))
+	for w in $(WEIGHTS); do $(BIN)/python -m eval.evaluate release/tiny_cpu_$$w --max-tokens 50000; done
+	$(BIN)/python -m eval.compare runs/tiny_cpu runs/tiny_cpu_short --out reports/tiny_cpu
 
 clean-demo:
 	rm -rf runs/tiny_cpu runs/tiny_cpu_short release/tiny_cpu_* reports/tiny_cpu

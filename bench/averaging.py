@@ -252,6 +252,8 @@ def main() -> None:
     parser.add_argument("--update-block", type=int, default=5, help="updates per alternating block")
     parser.add_argument("--steps", type=int, default=6, help="timed training steps per variant")
     parser.add_argument("--block", type=int, default=2, help="training steps per alternating block")
+    parser.add_argument("--step-updates", nargs="*", default=["ema", "lawa", "gathered_ema"],
+                        choices=["ema", "lawa", "gathered_ema"], help="the updates timed after training steps")
     parser.add_argument("--window", type=int, default=10, help="LAWA window")
     parser.add_argument("--out", default="docs/bench_results.jsonl")
     parser.add_argument("--local_rank", type=int, default=None)
@@ -311,12 +313,15 @@ def main() -> None:
             return {"update": time.perf_counter() - t1, "train_step": t1 - t0}
         return run
 
-    steps = {
-        "plain": step_then(lambda step_loss: None),
-        "ema": step_then(lambda step_loss: ema.update(next(count), step_loss, partitions)),
-        "lawa": step_then(lambda step_loss: lawa.update(next(count), step_loss, partitions)),
-        "gathered_ema": step_then(lambda step_loss: gathered.update()),
+    after_step = {
+        "ema": lambda step_loss: ema.update(next(count), step_loss, partitions),
+        "lawa": lambda step_loss: lawa.update(next(count), step_loss, partitions),
+        "gathered_ema": lambda step_loss: gathered.update(),
     }
+    if "gathered_ema" not in args.step_updates:
+        gathered.replica.clear()  # the largest buffer here; a machine short of memory can leave it out of the steps
+    steps = {"plain": step_then(lambda step_loss: None)} | {name: step_then(after_step[name])
+                                                             for name in args.step_updates}
     step_runs = run_blocks(steps, args.steps, args.block, meter)
 
     per_rank = [None] * world

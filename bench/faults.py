@@ -63,7 +63,7 @@ def interrupt(run_dir: Path, data_dir: Path, kill: Kill,
     and what the run was found doing just before the kill.
 
     Moment "step": `latest` names the step before (the step's own work is about to begin). Moment "save": the step's
-    temporary checkpoint directory exists (its files are being written)."""
+    temporary checkpoint directory exists (its files are being written), or the save is already over."""
     ckpt_dir = run_dir / "checkpoints"
     with open(run_dir.parent / f"{run_dir.name}.log", "w+") as log:
         launcher = subprocess.Popen(command(run_dir, data_dir), cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
@@ -94,10 +94,10 @@ def _phase(ckpt_dir: Path) -> str:
 
 
 def _reached(ckpt_dir: Path, kill: Kill) -> bool:
-    if kill.moment == "save":
-        return (ckpt_dir / f".tmp-global_step{kill.step}").exists()
-    latest = ckpt_dir / "latest"
-    return latest.is_file() and latest.read_text() == f"global_step{kill.step - 1}"
+    latest = checkpoint.latest_step(ckpt_dir) or 0
+    if kill.moment == "save":  # a save can begin and end between two looks: then the kill comes just after it
+        return (ckpt_dir / f".tmp-global_step{kill.step}").exists() or latest >= kill.step
+    return latest >= kill.step - 1
 
 
 def _rank_process(launcher: subprocess.Popen, rank: int) -> psutil.Process:

@@ -14,7 +14,7 @@ import torch
 import torch.multiprocessing as mp
 
 
-def run_ranks(fn, world_size: int, *args, timeout: float = 300):
+def run_ranks(fn, world_size: int, *args, timeout: float = 1200):
     """`fn(rank, world_size, *args)` on every rank; returns their return values in rank order.
 
     `fn` and `args` must be picklable (a module-level function). A rank that raises fails the test with its

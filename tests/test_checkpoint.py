@@ -151,7 +151,7 @@ def test_manifest_lists_every_file_with_its_size_and_hash(saved):
 
 def verify(path: Path) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "launch.checkpoint", "--verify", str(path)], cwd=ROOT,
-                          capture_output=True, text=True, timeout=300, check=False)
+                          capture_output=True, text=True, timeout=900, check=False)
 
 
 @pytest.mark.slow

@@ -240,7 +240,7 @@ def run_offline(tmp_path, *overrides) -> subprocess.CompletedProcess:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
     sets = [a for o in overrides for a in ("--set", o)]
     return subprocess.run([sys.executable, "-m", "data.prepare", "--recipe", str(recipe), *sets],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
 
 
 def test_offline_hub_dataset_is_a_one_line_error(tmp_path):

@@ -162,7 +162,7 @@ def test_init_survives_deepspeed_zero_init():
     """)
     env = dict(os.environ, PYTHONPATH=str(ROOT), PORT=str(29500 + os.getpid() % 1000))
     proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=120)
+                          timeout=600)
     assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-3000:]
 
 

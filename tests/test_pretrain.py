@@ -140,6 +140,6 @@ def test_two_node_launchers_on_loopback_form_one_world(run2, data_dir, tmp_path)
                               cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                               env={**os.environ, "OMP_NUM_THREADS": threads})
              for n in (0, 1)]
-    outputs = [p.communicate(timeout=600)[0] for p in nodes]
+    outputs = [p.communicate(timeout=1200)[0] for p in nodes]
     assert [p.returncode for p in nodes] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
     assert computed(read_metrics(tmp_path)) == computed(read_metrics(run2))
