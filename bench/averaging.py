@@ -48,7 +48,7 @@ from model.sizes import count_params  # noqa: E402
 MiB = 2**20
 
 # Bytes each rank sends per byte of a collective's payload (its largest tensor argument: the gathered output, the
-# reduced input), for the ring algorithms that gloo and NCCL use on w ranks; 1 for point-to-point and the rest.
+# reduced input) when a ring algorithm runs it on w ranks; 1 for point-to-point and the rest.
 RING_VOLUME = {
     "all_gather": lambda w: (w - 1) / w,
     "all_gather_into_tensor": lambda w: (w - 1) / w,
@@ -137,7 +137,7 @@ def settled_rss() -> int:
 
 def _status_bytes(field: str) -> int:
     text = Path("/proc/self/status").read_text()
-    return int(re.search(rf"^{field}:\s+(\d+) kB", text, re.M).group(1)) * 1024
+    return int(re.search(rf"^{field}:\s+(\d+) kB", text, re.MULTILINE).group(1)) * 1024
 
 
 def rss() -> int:
@@ -228,13 +228,13 @@ def across_ranks(per_rank: list[dict]) -> dict:
     merged = {}
     for name in per_rank[0]:
         records = [r[name] for r in per_rank]
-        times = [max(ts) for ts in zip(*(r["times"] for r in records))]
+        times = [max(ts) for ts in zip(*(r["times"] for r in records), strict=True)]
         entry = {"median_s": statistics.median(times), "mean_s": statistics.fmean(times), "n": len(times)}
         for part in records[0]["parts"][0]:
-            part_times = [max(p[part] for p in ps) for ps in zip(*(r["parts"] for r in records))]
+            part_times = [max(p[part] for p in ps) for ps in zip(*(r["parts"] for r in records), strict=True)]
             entry[f"{part}_median_s"] = statistics.median(part_times)
         for key in ("sent_bytes", "payload_bytes", "calls"):
-            per_call = [max(values) for values in zip(*(r[key] for r in records))]
+            per_call = [max(values) for values in zip(*(r[key] for r in records), strict=True)]
             entry[key], entry[f"{key}_max"] = statistics.median(per_call), max(per_call)
         entry["rss_peak_bytes"] = max(r["rss_peak"] for r in records)
         for key in ("buffer_bytes", "rss_kept_bytes"):
@@ -302,7 +302,7 @@ def main() -> None:
                                ("lawa_update", lawa.nbytes, lawa_kept), ("gathered_ema", gathered.nbytes,
                                                                          gathered_kept)):
         update_runs[name] |= {"buffer_bytes": nbytes, "rss_kept_bytes": kept}
-    del scratch
+    scratch.clear()  # the training steps need the memory
 
     def step_then(update):
         def run():
@@ -325,13 +325,13 @@ def main() -> None:
     step_runs = run_blocks(steps, args.steps, args.block, meter)
 
     per_rank = [None] * world
-    dist.all_gather_object(per_rank, {"update": update_runs, "step": step_runs,
-                                              "threads": torch.get_num_threads()})
+    dist.all_gather_object(per_rank, {"update": update_runs, "step": step_runs, "threads": torch.get_num_threads()})
     if rank != 0:
         return
     result = {"recipe": args.recipe, "overrides": args.set, "ranks": world, "params": count_params(model_args),
               "partition_numel": numel, "torch_threads": per_rank[0]["threads"],
               "tokens_per_step": recipe.train.micro_batch * recipe.train.grad_accum * world * recipe.data.seq_len,
+              "lawa_window": args.window, "step_updates": args.step_updates,
               "loadavg_start": load_start, "loadavg_end": os.getloadavg(),
               "gathered_all_gather_bytes_expected": gather_bytes,
               "update": across_ranks([r["update"] for r in per_rank]),
@@ -355,8 +355,9 @@ def print_tables(result: dict, bound: float) -> None:
     print(f"\n{result['params'] / 1e6:.1f}M parameters, {world} ranks, {result['partition_numel']:,} values "
           f"({part_mib:,.1f} MiB fp32) per rank, {result['torch_threads']} torch threads per rank, load average "
           f"{result['loadavg_start'][0]:.2f} → {result['loadavg_end'][0]:.2f}; lerp bound min(1.5 × copy_, add_) "
-          f"= {bound * 1e3:.1f} ms; the gathered pattern's all-gather payload: {mib(up['gathered_ema']['payload_bytes'])}"
-          f" counted, {mib(result['gathered_all_gather_bytes_expected'])} from its parameters\n")
+          f"= {bound * 1e3:.1f} ms; the gathered pattern's all-gather payload: "
+          f"{mib(up['gathered_ema']['payload_bytes'])} counted, {mib(result['gathered_all_gather_bytes_expected'])} "
+          f"from its parameters\n")
     print("| ranks | per update | median | mean | × lerp bound | sent per rank | buffers per rank | RSS kept | "
           "RSS peak during |")
     print("|---|---|---|---|---|---|---|---|---|")
