@@ -49,4 +49,4 @@ experiment: setup
 		--out reports/experiment
 
 test: setup
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q -rfE --durations=15 tests

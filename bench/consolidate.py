@@ -61,12 +61,7 @@ def make_checkpoint(work: Path, size: str, ranks: int) -> Path:
     command = [str(BIN / "deepspeed"), "--num_gpus", str(ranks), "--master_port", str(port), "launch/pretrain.py",
                "--recipe", str(recipe_file), *(a for item in overrides for a in ("--set", item))]
     print("$", " ".join(command), flush=True)
-    try:
-        subprocess.run(command, cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
-    finally:
-        # DeepSpeed's CPU all-reduce leaves its shared-memory buffers behind, RAM that 24 GiB cannot spare.
-        for path in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"):
-            path.unlink()
+    subprocess.run(command, cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
     (run_dir / "bench_command.txt").write_text(" ".join(command).replace(str(BIN) + "/", ".venv/bin/") + "\n")
     return run_dir
 

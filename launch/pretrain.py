@@ -8,7 +8,6 @@ build → resume → for each step: batch, forward, backward, step, average, eva
 from __future__ import annotations
 
 import argparse
-import contextlib
 import math
 import os
 import signal
@@ -221,20 +220,12 @@ def init_distributed() -> torch.device:
         return torch.device("cuda", local_rank)
     if "OMP_NUM_THREADS" not in os.environ:  # without core binding, every rank would start a thread per core
         torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // int(os.environ.get("LOCAL_SIZE", 1))))
+    # DeepSpeed's CPU backend JIT-compiles a shared-memory all-reduce at start-up and maps a 66 MiB /dev/shm buffer
+    # per rank that it never removes. It only serves inference_all_reduce, which training never calls: gloo does
+    # every collective. Marking the op unavailable skips the compile, the buffers and their ISA-specific kernels.
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     deepspeed.init_distributed(dist_backend="gloo")
-    _unlink_shm_buffer()
     return torch.device("cpu")
-
-
-def _unlink_shm_buffer() -> None:
-    """DeepSpeed's CPU all-reduce maps a /dev/shm buffer per rank (66 MiB) and never removes it. Every rank has
-    mapped every buffer by the time init_distributed returns, so the names can go now: the memory is freed when the
-    last rank exits, even one that is killed."""
-    dist.barrier()
-    name = (f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR')}_"
-            f"{os.environ.get('MASTER_PORT')}_{dist.get_rank()}")
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(name)
 
 
 def on_rank0(fn) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -35,9 +36,21 @@ def free_port() -> int:
 
 
 def run_cli(args: list[str], check: bool = True, timeout: int = 600, env: dict | None = None):
-    """Run a command from the repository root, as a user would; returns the CompletedProcess."""
-    proc = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
+    """Run a command from the repository root, as a user would; returns the CompletedProcess.
+
+    The command runs in its own process group: on a timeout the ranks a launcher started are killed with it, so a
+    hung run cannot hold the cores for the tests after it.
+    """
+    with subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}) as p:
+        try:
+            stdout, stderr = p.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(p.pid, signal.SIGKILL)
+            stdout, stderr = p.communicate()
+            raise AssertionError(f"{' '.join(map(str, args))} still running after {timeout} s\n{stdout[-4000:]}\n"
+                                 f"{stderr[-8000:]}") from None
+    proc = subprocess.CompletedProcess(args, p.returncode, stdout, stderr)
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(map(str, args))} exited {proc.returncode}\n{proc.stdout[-4000:]}\n"
                              f"{proc.stderr[-8000:]}")

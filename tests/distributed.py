@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import faulthandler
 import os
 import socket
 import tempfile
@@ -14,7 +15,7 @@ import torch
 import torch.multiprocessing as mp
 
 
-def run_ranks(fn, world_size: int, *args, timeout: float = 1200):
+def run_ranks(fn, world_size: int, *args, timeout: float = 600):
     """`fn(rank, world_size, *args)` on every rank; returns their return values in rank order.
 
     `fn` and `args` must be picklable (a module-level function). A rank that raises fails the test with its
@@ -26,7 +27,7 @@ def run_ranks(fn, world_size: int, *args, timeout: float = 1200):
     context = mp.get_context("spawn")
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp)
-        procs = [context.Process(target=_rank_main, args=(fn, rank, world_size, port, out, args), daemon=True)
+        procs = [context.Process(target=_rank_main, args=(fn, rank, world_size, port, out, args, timeout), daemon=True)
                  for rank in range(world_size)]
         for p in procs:
             p.start()
@@ -50,17 +51,21 @@ def run_ranks(fn, world_size: int, *args, timeout: float = 1200):
             if p.exitcode != 0 and rank not in alive:
                 pytest.fail(f"rank {rank} of {world_size} exited with code {p.exitcode}", pytrace=False)
         if alive:
-            pytest.fail(f"ranks {alive} of {world_size} still running after {timeout:g} s", pytrace=False)
+            stacks = "\n".join(f"rank {rank}:\n{(out / f'rank{rank}.stacks').read_text()}" for rank in alive)
+            pytest.fail(f"ranks {alive} of {world_size} still running after {timeout:g} s; where they were:\n{stacks}",
+                        pytrace=False)
         return [torch.load(out / f"rank{rank}.pt") for rank in range(world_size)]
 
 
-def _rank_main(fn, rank: int, world_size: int, port: int, out: Path, args: tuple) -> None:
+def _rank_main(fn, rank: int, world_size: int, port: int, out: Path, args: tuple, timeout: float) -> None:
+    stacks = open(out / f"rank{rank}.stacks", "w")  # faulthandler writes to it until the process ends
+    faulthandler.dump_traceback_later(max(1.0, timeout - 5), file=stacks)  # just before the parent gives up
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
                       WORLD_SIZE=str(world_size), LOCAL_WORLD_SIZE=str(world_size), LOCAL_SIZE=str(world_size))
     try:
         from launch.pretrain import init_distributed
 
-        init_distributed()  # as training does: the ranks share the cores, DeepSpeed's shm buffers are unlinked
+        init_distributed()  # as training does: the ranks share the cores, gloo does every collective
         result = fn(rank, world_size, *args)
         torch.save(result, out / f"rank{rank}.pt")
     except Exception:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -138,8 +139,13 @@ def test_two_node_launchers_on_loopback_form_one_world(run2, data_dir, tmp_path)
                                f"--node_rank={n}", "--master_addr=127.0.0.1", f"--master_port={port}",
                                "launch/pretrain.py", "--recipe", "recipes/tiny_cpu.yaml", *sets],
                               cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                              env={**os.environ, "OMP_NUM_THREADS": threads})
+                              env={**os.environ, "OMP_NUM_THREADS": threads}, start_new_session=True)
              for n in (0, 1)]
-    outputs = [p.communicate(timeout=1200)[0] for p in nodes]
+    try:
+        outputs = [p.communicate(timeout=600)[0] for p in nodes]
+    finally:  # a hung node launcher and its rank would otherwise hold the cores for the tests after this one
+        for p in nodes:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
     assert [p.returncode for p in nodes] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
     assert computed(read_metrics(tmp_path)) == computed(read_metrics(run2))

@@ -157,10 +157,11 @@ def test_bad_saved_states_are_named(tmp_path):
 
 # Real runs: the session's 12-step runs on 2 and 3 ranks (a checkpoint every step) resumed from step 6 elsewhere.
 STEP = 6
-# A resumed run's losses against the original's, with the same data order. Observed: ~6e-8, the rounding of the
-# per-rank loss means and of the gradient reduction over another number of ranks. Were the Adam moments lost (zeroed
-# in the conversion, tried once), the losses from the second resumed step on would differ by 3e-3 to 6e-3.
-LOSS_RTOL = 1e-5
+# A resumed run's losses against the original's, with the same data order. Observed: 6e-8 to 7e-5, growing with each
+# step from the rounding of the per-rank loss means, of the gradient reduction over another number of ranks and of
+# matrix products run on another number of threads. Were the Adam moments lost (zeroed in the conversion, tried
+# once), the losses from the second resumed step on would differ by 3e-3 to 6e-3.
+LOSS_RTOL = 5e-4
 
 
 def resumable_copy(run: Path, to: Path) -> Path:
