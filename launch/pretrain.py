@@ -221,8 +221,9 @@ def init_distributed() -> torch.device:
     if "OMP_NUM_THREADS" not in os.environ:  # without core binding, every rank would start a thread per core
         torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // int(os.environ.get("LOCAL_SIZE", 1))))
     # DeepSpeed's CPU backend JIT-compiles a shared-memory all-reduce at start-up and maps a 66 MiB /dev/shm buffer
-    # per rank that it never removes. It only serves inference_all_reduce, which training never calls: gloo does
-    # every collective. Marking the op unavailable skips the compile, the buffers and their ISA-specific kernels.
+    # per rank that it never removes; a rank killed while it checks that build leaves torch's build lock behind, and
+    # every later start waits on it forever. The op only serves inference_all_reduce, which training never calls:
+    # gloo does every collective. Marked unavailable, it is neither built nor mapped.
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     deepspeed.init_distributed(dist_backend="gloo")
     return torch.device("cpu")

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 from contextlib import contextmanager
+from pathlib import Path
 
 import deepspeed
 import deepspeed.comm
@@ -122,6 +124,8 @@ def _rank_run(rank: int, world_size: int, offload: str, directory: str) -> dict:
     out["layout"] = partition_layout.to_dict()
     out["partition_numel"] = [t.numel() for t in master_partitions(engine)]
     out["persistent"] = [p.ds_id for p in engine.optimizer.persistent_parameters]
+    buffers = Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{os.environ['MASTER_PORT']}_*")
+    out["shm"] = (deepspeed.comm.comm.cdb.shm_comm_op, sorted(p.name for p in buffers))
     full, losses, events, update_calls = [_full_weights(engine)], [], [], []
     for step in range(1, STEPS + 1):
         with _counting_collectives() as step_calls:  # the spy does see the training step's collectives
@@ -206,6 +210,7 @@ def test_averaging_on_zero3_partitions(tmp_path, world_size, offload):
         [n for n, p in named if p.dim() == 2], [n for n, p in named if p.dim() < 2]]
     assert all(r["persistent"] for r in ranks)  # the swap below had a persistent parameter to refresh
     assert [e for r in ranks for e in r["events"]] == []
+    assert all(r["shm"] == (None, []) for r in ranks)  # gloo does every collective: no shared-memory op, no buffers
 
     # (a) The saved partitions, stitched back together, are the averages of the full weights at the same steps.
     want = _offline(first["full"])
