@@ -176,10 +176,10 @@ Both tools export the raw fp32 weights of the same ZeRO-3 checkpoint (one traini
 ranks) as safetensors with the same maximum shard size, and their outputs are identical tensor for tensor. Wall time
 is the best of {args.repeat} runs, peak RSS (GNU time's maximum resident set size) the largest; the checkpoint is
 read into the page cache before each run; the load average was {load[0]:.1f} at the start and {load[1]:.1f} at the
-end (other jobs share the machine, so the times are noisy). RSS counts the checkpoint pages a process has mapped as
-well as its own buffers: zero_to_fp32 keeps every rank's optimizer file mapped until it exits and holds an output
-shard whole, so its peak grows with the model; averaging.consolidate maps the rank files afresh for each tensor and
-streams the tensor's pieces into the shard, so its peak is the interpreter's and barely moves with model or shard.
+end (the 1-minute average, which the bench's own training runs raise). RSS counts the checkpoint pages a process has
+mapped as well as its own buffers: zero_to_fp32 keeps every rank's optimizer file mapped until it exits and holds an
+output shard whole, so its peak grows with the model; averaging.consolidate maps the rank files afresh for each tensor
+and streams the tensor's pieces into the shard, so its peak is the interpreter's and barely moves with model or shard.
 
 | model | parameters | ranks | fp32 weights | max shard | zero_to_fp32 (s) | consolidate (s) | zero_to_fp32 peak (MiB) | consolidate peak (MiB) | peak ratio |
 |---|---|---|---|---|---|---|---|---|---|
