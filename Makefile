@@ -40,7 +40,7 @@ demo: setup
 clean-demo:
 	rm -rf runs/tiny_cpu runs/tiny_cpu_short release/tiny_cpu_* reports/tiny_cpu
 
-# The CPU experiment: a long run with EMA and LAWA against schedules 25% and 50% as long (about 30 min on 2 cores).
+# The CPU experiment: a long run with EMA and LAWA against schedules 25% and 50% as long (about 22 min on 2 idle cores).
 experiment: setup
 	$(DS) recipes/experiment_long.yaml
 	$(DS) recipes/experiment_short25.yaml
