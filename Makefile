@@ -13,7 +13,7 @@ setup: $(VENV)/.installed
 
 # torch first: a machine that already has torch (a GPU cluster) reuses it through system site-packages; a machine
 # without one gets the CPU wheel, or the default CUDA build where an NVIDIA driver is present.
-$(VENV)/.installed: requirements.txt
+$(VENV)/.installed: requirements.txt pyproject.toml
 	@if $(PYTHON) -c "import torch" 2>/dev/null; then \
 		$(PYTHON) -m venv --system-site-packages $(VENV); \
 	else \
@@ -25,6 +25,8 @@ $(VENV)/.installed: requirements.txt
 	$(BIN)/pip install -q -U pip setuptools wheel
 	# deepspeed ships as source: build it against the torch above, without its optional compiled ops.
 	DS_BUILD_OPS=0 $(BIN)/pip install -q --no-build-isolation -r requirements.txt
+	# The project itself, editable: its packages import each other from any directory, scripts included.
+	$(BIN)/pip install -q --no-build-isolation --no-deps -e .
 	touch $@
 
 # The embedded default end to end: prepare, train (long and short schedule), consolidate, evaluate, compare.

@@ -111,6 +111,20 @@ class Layout:
             indices.append(torch.cat(pad) if pad else torch.zeros(0, dtype=torch.long))
         return indices
 
+    def difference(self, other: Layout) -> str | None:
+        """The first difference from another layout, in words (None: the same)."""
+        if self.world_size != other.world_size:
+            return f"{self.world_size} ranks saved, {other.world_size} now"
+        if len(self.groups) != len(other.groups):
+            return f"{len(self.groups)} param groups saved, {len(other.groups)} now"
+        for g, (was, new) in enumerate(zip(self.groups, other.groups)):
+            for i in range(max(len(was), len(new))):
+                a = was[i] if i < len(was) else "nothing"
+                b = new[i] if i < len(new) else "nothing"
+                if a != b:
+                    return f"group {g} parameter {i}: saved {a}, now {b}"
+        return None
+
     def to_dict(self) -> dict:
         return {"world_size": self.world_size,
                 "groups": [[{"name": name, "shape": list(shape)} for name, shape in group] for group in self.groups],

@@ -20,11 +20,9 @@ straight to a release folder (--release).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import shutil
-import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,10 +30,14 @@ import torch
 from tqdm import tqdm
 
 from averaging.averages import make_average
-from averaging.consolidate import DTYPES, MasterWeights, Run, refuse_existing, temp_dir_beside, write_release
-from averaging.state import AverageFiles, save_weights
-from launch.errors import UserError, cli
-from launch.recipe import AverageConfig
+from averaging.release import DTYPES, Run, refuse_existing, write_release
+from averaging.spikes import LossHistory
+from averaging.state import SavedAverages, write_weights
+from averaging.weights import MasterWeights
+from polyak import checkpoints, metrics
+from polyak.errors import UserError, cli
+from polyak.files import temp_dir_beside
+from polyak.recipe import AverageConfig
 
 METHODS = ("sma", "ema", "lawa")
 
@@ -55,20 +57,9 @@ def saved_checkpoints(ckpt_dir: Path) -> list[Saved]:
         raise UserError(f"{ckpt_dir}: no such checkpoints directory")
     saved = []
     for path in ckpt_dir.iterdir():
-        trainer = path / "trainer.json"
-        if not path.name.startswith(".") and trainer.is_file():
-            state = json.loads(trainer.read_text())
+        if not path.name.startswith(".") and path.is_dir() and (state := checkpoints.read_trainer_state(path)):
             saved.append(Saved(path, state["step"], state.get("val_loss")))
     return sorted(saved, key=lambda s: s.step)
-
-
-def read_metrics(run_dir: Path) -> dict[int, dict]:
-    """metrics.jsonl by step; after a resume the step's last record counts."""
-    path = run_dir / "metrics.jsonl"
-    if not path.is_file():
-        return {}
-    records = (json.loads(line) for line in path.read_text().splitlines() if line.strip())
-    return {r["step"]: r for r in records}
 
 
 def select(saved: list[Saved], metrics: dict[int, dict], every: int = 1, skip_spikes: float | None = None,
@@ -76,7 +67,11 @@ def select(saved: list[Saved], metrics: dict[int, dict], every: int = 1, skip_sp
     """The checkpoints to average, in step order (the order of selection is the module docstring's)."""
     chosen = saved[::-1][::every][::-1]
     if skip_spikes is not None:
-        chosen = [s for s in chosen if not _spike(s.step, metrics, skip_spikes, history)]
+        unlogged = [s.step for s in chosen if "loss" not in metrics.get(s.step, {})]
+        if unlogged:
+            raise UserError(f"--skip-spikes: metrics.jsonl has no training loss of step {unlogged[0]} (log.every)")
+        spiked = spikes(metrics, skip_spikes, history)
+        chosen = [s for s in chosen if s.step not in spiked]
     if last is not None:
         chosen = chosen[-last:]
     if best is not None:
@@ -90,14 +85,12 @@ def select(saved: list[Saved], metrics: dict[int, dict], every: int = 1, skip_sp
     return chosen
 
 
-def _spike(step: int, metrics: dict[int, dict], factor: float, history: int) -> bool:
-    """The training loss of `step` is non-finite (logged as null) or above factor × the median of the last
-    `history` finite losses logged before it; every loss joins the history, spikes too, as in the online guard."""
-    if "loss" not in metrics.get(step, {}):
-        raise UserError(f"--skip-spikes: metrics.jsonl has no training loss of step {step} (log.every)")
-    loss = metrics[step]["loss"]
-    before = [r["loss"] for s, r in sorted(metrics.items()) if s < step and r.get("loss") is not None][-history:]
-    return loss is None or bool(before) and loss > factor * statistics.median(before)
+def spikes(metrics_by_step: dict[int, dict], factor: float, history: int) -> set[int]:
+    """The steps whose logged training loss is a spike (averaging/spikes.py: non-finite, logged as null, or above
+    factor × the median of the last `history` finite losses logged before it)."""
+    guard = LossHistory(factor, history)
+    return {step for step, r in metrics_by_step.items()
+            if "loss" in r and guard.observe(float("nan") if r["loss"] is None else r["loss"])}
 
 
 def average(sources: list[MasterWeights], method: str, beta: float | None, rank: int) -> list[torch.Tensor]:
@@ -129,7 +122,8 @@ def posthoc(ckpt_dir: Path, method: str, *, every: int = 1, last: int | None = N
     refuse_existing(target)
     run = Run.of(ckpt_dir)
     saved = saved_checkpoints(ckpt_dir)
-    chosen = select(saved, read_metrics(run.dir), every, skip_spikes, run.recipe.averaging.spike_guard.history,
+    logged = metrics.read(run.dir) if (run.dir / metrics.FILE).is_file() else {}
+    chosen = select(saved, logged, every, skip_spikes, run.recipe.averaging.spike_guard.history,
                     last, best)
     if method == "lawa":
         chosen = chosen[-window:]
@@ -143,14 +137,15 @@ def posthoc(ckpt_dir: Path, method: str, *, every: int = 1, last: int | None = N
     info = {"posthoc": {"method": method, **options, "every": every, "skip_spikes": skip_spikes, "last": last,
                         "best": best, "checkpoints": [s.directory.name for s in chosen],
                         "steps": [s.step for s in chosen]}}
+    target.parent.mkdir(parents=True, exist_ok=True)
     state_dir = temp_dir_beside(target)
     try:
         layout = sources[0].layout
         for rank in tqdm(range(layout.world_size), desc=f"{method} of {len(chosen)} checkpoints", unit="rank",
                          disable=None):
-            save_weights(average(sources, method, beta, rank), layout, state_dir, rank, name, chosen[-1].step, info)
+            write_weights(state_dir, rank, layout, name, average(sources, method, beta, rank), chosen[-1].step, info)
         if release is not None:
-            write_release(AverageFiles(state_dir, name), run, release, dtype, max_shard_size,
+            write_release(SavedAverages(state_dir).average(name), run, release, dtype, max_shard_size,
                           {"checkpoint": str(ckpt_dir.resolve()), "step": chosen[-1].step,
                            "weights": f"posthoc {method}", **info})
         else:

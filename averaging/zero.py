@@ -8,7 +8,9 @@ import deepspeed.comm as dist
 import torch
 from deepspeed.accelerator import get_accelerator
 
+from averaging.averager import Averager
 from averaging.partitions import Layout
+from polyak.recipe import AveragingConfig
 
 
 def master_partitions(engine) -> list[torch.Tensor]:
@@ -23,9 +25,9 @@ def layout(engine) -> Layout:
     return Layout(groups, world_size=engine.optimizer.partition_count)
 
 
-def padding(engine) -> list[torch.Tensor]:
-    """Indices of this rank's padding elements per flat partition (for Averager's non-finite check)."""
-    return layout(engine).padding(dist.get_rank(group=engine.optimizer.dp_process_group))
+def rank(engine) -> int:
+    """This rank's place in the partitioning (its data-parallel rank)."""
+    return dist.get_rank(group=engine.optimizer.dp_process_group)
 
 
 @contextmanager
@@ -52,3 +54,8 @@ def swapped_in(engine, partitions: list[torch.Tensor]):
         torch._foreach_copy_(compute, training)
         get_accelerator().synchronize()
         optimizer.checkpoint_event_epilogue()
+
+
+def averager(cfg: AveragingConfig, engine) -> Averager:
+    """The engine's averager: every average over this rank's master partitions."""
+    return Averager(cfg, master_partitions(engine), layout(engine), rank(engine))

@@ -24,26 +24,25 @@ import json
 import os
 import re
 import statistics
-import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
 
-sys.path[0] = str(Path(__file__).resolve().parent.parent)
+import deepspeed
+import deepspeed.comm as dist
+import torch
+from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
 
-import deepspeed  # noqa: E402
-import deepspeed.comm as dist  # noqa: E402
-import torch  # noqa: E402
-from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus  # noqa: E402
-
-from averaging.averages import Averager  # noqa: E402
-from averaging.zero import master_partitions, padding  # noqa: E402
-from data.loader import TokenWindows, TrainBatches, load_meta  # noqa: E402
-from data.prepare import prepare  # noqa: E402
-from launch.errors import cli  # noqa: E402
-from launch.pretrain import build, init_distributed, on_rank0, train_step  # noqa: E402
-from launch.recipe import AverageConfig, AveragingConfig, load_recipe  # noqa: E402
-from model.sizes import count_params  # noqa: E402
+from averaging.averager import Averager
+from averaging.zero import averager as make_averager
+from averaging.zero import master_partitions
+from data.loader import TokenWindows, TrainBatches, load_meta
+from data.prepare import prepare
+from launch.dist import init_distributed, on_rank0
+from launch.engine import build, train_step
+from model.llama import count_params
+from polyak.errors import cli
+from polyak.recipe import AverageConfig, AveragingConfig, load_recipe
 
 MiB = 2**20
 
@@ -185,7 +184,7 @@ class GatheredEMA:
 
 def averager(kind: str, engine, window: int) -> Averager:
     cfg = AverageConfig(kind=kind, beta=0.999, window=window, every=1)
-    return Averager(AveragingConfig(averages={kind: cfg}), master_partitions(engine), padding=padding(engine))
+    return make_averager(AveragingConfig(averages={kind: cfg}), engine)
 
 
 def created(make):

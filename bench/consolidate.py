@@ -26,8 +26,8 @@ import torch
 import yaml
 from safetensors import safe_open
 
-from averaging.consolidate import MasterWeights
-from tests.conftest import free_port
+from averaging.weights import MasterWeights
+from bench.harness import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent

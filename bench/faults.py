@@ -30,10 +30,19 @@ from pathlib import Path
 import psutil
 import torch
 
-from averaging.state import read_full_average
-from launch import checkpoint
-from tests.conftest import DEEPSPEED, ROOT, SMALL, free_port, read_metrics, run_cli
-from tests.test_pretrain import TIMING, _rank_states, assert_identical
+from bench.harness import (
+    DEEPSPEED,
+    ROOT,
+    SMALL,
+    TIMING,
+    assert_identical,
+    free_port,
+    full_average,
+    rank_states,
+    read_metrics,
+    run_cli,
+)
+from polyak import checkpoints
 
 TARGETS = ("rank 0", "rank 1", "all")
 STEPS = next(int(item.split("=")[1]) for item in SMALL if item.startswith("train.steps="))
@@ -89,12 +98,12 @@ def _phase(ckpt_dir: Path) -> str:
     saving = sorted(p.name.removeprefix(".tmp-global_step") for p in ckpt_dir.glob(".tmp-global_step*"))
     if saving:
         return f"saving step {saving[0]}"
-    latest = checkpoint.latest_step(ckpt_dir) or 0
+    latest = checkpoints.latest_step(ckpt_dir) or 0
     return "past the last step" if latest == STEPS else f"in step {latest + 1}"
 
 
 def _reached(ckpt_dir: Path, kill: Kill) -> bool:
-    latest = checkpoint.latest_step(ckpt_dir) or 0
+    latest = checkpoints.latest_step(ckpt_dir) or 0
     if kill.moment == "save":  # a save can begin and end between two looks: then the kill comes just after it
         return (ckpt_dir / f".tmp-global_step{kill.step}").exists() or latest >= kill.step
     return latest >= kill.step - 1
@@ -123,9 +132,9 @@ def assert_same_run(run_dir: Path, reference: Path) -> None:
     assert last_records(run_dir) == last_records(reference), "loss curves differ"
     tag = (reference / "checkpoints" / "latest").read_text()
     a, b = run_dir / "checkpoints" / tag, reference / "checkpoints" / tag
-    assert_identical(_rank_states(a), _rank_states(b), "raw weights and optimizer state")
+    assert_identical(rank_states(a), rank_states(b), "raw weights and optimizer state")
     for name in ("ema", "lawa"):
-        assert_identical(read_full_average(a, name), read_full_average(b, name), name)
+        assert_identical(full_average(a, name), full_average(b, name), name)
 
 
 def trial(work: Path, data_dir: Path, reference: Path, number: int, kill: Kill) -> dict:

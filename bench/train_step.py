@@ -11,21 +11,18 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import time
-from pathlib import Path
 
-sys.path[0] = str(Path(__file__).resolve().parent.parent)
+import deepspeed.comm as dist
+import torch
 
-import deepspeed.comm as dist  # noqa: E402
-import torch  # noqa: E402
-
-from data.loader import TokenWindows, TrainBatches, load_meta  # noqa: E402
-from data.prepare import prepare  # noqa: E402
-from launch.errors import cli  # noqa: E402
-from launch.pretrain import build, init_distributed, on_rank0, train_step  # noqa: E402
-from launch.recipe import load_recipe  # noqa: E402
-from model.sizes import count_params  # noqa: E402
+from data.loader import TokenWindows, TrainBatches, load_meta
+from data.prepare import prepare
+from launch.dist import init_distributed, on_rank0
+from launch.engine import build, train_step
+from model.llama import count_params
+from polyak.errors import cli
+from polyak.recipe import load_recipe
 
 
 def main() -> None:

@@ -1,4 +1,5 @@
-"""Training windows over a prepared token stream, and a deterministic, resumable, rank-sharded batch order."""
+"""The reader of prepared data (data/prepare.py writes it): meta.json, the token streams, training windows over
+them, and a deterministic, resumable, rank-sharded batch order."""
 
 from __future__ import annotations
 
@@ -9,34 +10,40 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from launch.errors import UserError
+from polyak.errors import UserError
 
 
 def load_meta(data_dir: str | Path) -> dict:
     path = Path(data_dir) / "meta.json"
     if not path.is_file():
-        raise UserError(f"data.dir={str(data_dir)!r} is not prepared (no meta.json); "
-                        "run python -m data.prepare --recipe <recipe>")
+        raise UserError(f"{data_dir} is not a prepared data folder (no meta.json); "
+                        "prepare it with python -m data.prepare --recipe <recipe>")
     try:
         return json.loads(path.read_text())
     except ValueError:
         raise UserError(f"{path}: not valid JSON; delete {data_dir} and prepare it again") from None
 
 
+def split_tokens(data_dir: str | Path, split: str) -> np.ndarray:
+    """A split's token stream, memory-mapped, checked against the count meta.json records."""
+    if split not in ("train", "val"):
+        raise ValueError(f"split must be train or val, not {split!r}")
+    meta = load_meta(data_dir)
+    path = Path(data_dir) / f"{split}.bin"
+    dtype = np.dtype(meta["dtype"])
+    n_tokens = meta[f"{split}_tokens"]
+    if not path.is_file() or path.stat().st_size != n_tokens * dtype.itemsize:
+        raise UserError(f"{path}: missing or not the {n_tokens} tokens meta.json records; "
+                        f"delete {data_dir} and prepare it again")
+    return np.memmap(path, dtype=dtype, mode="r")
+
+
 class TokenWindows(torch.utils.data.Dataset):
     """Non-overlapping windows of seq_len + 1 tokens at stride seq_len: inputs and their shifted targets."""
 
     def __init__(self, data_dir: str | Path, split: str, seq_len: int):
-        meta = load_meta(data_dir)
-        if split not in ("train", "val"):
-            raise ValueError(f"split must be train or val, not {split!r}")
-        self.path = Path(data_dir) / f"{split}.bin"
-        self.dtype = np.dtype(meta["dtype"])
-        self.seq_len = seq_len
-        n_tokens = meta[f"{split}_tokens"]
-        if not self.path.is_file() or self.path.stat().st_size != n_tokens * self.dtype.itemsize:
-            raise UserError(f"{self.path}: missing or not the {n_tokens} tokens meta.json records; "
-                            f"delete {data_dir} and prepare it again")
+        self.data_dir, self.split, self.seq_len = data_dir, split, seq_len
+        n_tokens = len(split_tokens(data_dir, split))
         self.n_windows = (n_tokens - 1) // seq_len
         if self.n_windows < 1:
             raise UserError(f"the {split} split of {data_dir} has {n_tokens} tokens, too few for one window of "
@@ -50,7 +57,7 @@ class TokenWindows(torch.utils.data.Dataset):
         if not 0 <= i < self.n_windows:
             raise IndexError(f"window {i} of {self.n_windows}")
         if self._tokens is None:
-            self._tokens = np.memmap(self.path, dtype=self.dtype, mode="r")
+            self._tokens = split_tokens(self.data_dir, self.split)
         start = i * self.seq_len
         return torch.from_numpy(self._tokens[start:start + self.seq_len + 1].astype(np.int64))
 

@@ -21,8 +21,8 @@ from tqdm import tqdm
 
 from data.sources import Corpus, describe, load_corpus
 from data.tokenizer import eos_id, pretrained_tokenizer, train_bpe
-from launch.errors import UserError, cli
-from launch.recipe import DataConfig, load_recipe
+from polyak.errors import UserError, cli
+from polyak.recipe import DataConfig, load_recipe
 
 VERSION = 1
 # The BPE learns its merges from the first train text: at most this much, and under a token budget one byte per

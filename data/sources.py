@@ -21,8 +21,8 @@ import datasets
 import numpy as np
 from datasets.exceptions import DatasetNotFoundError
 
-from launch.errors import UserError
-from launch.recipe import DataConfig
+from polyak.errors import UserError
+from polyak.recipe import DataConfig
 
 _BUILDERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 _COMPRESSIONS = (".gz", ".bz2", ".xz", ".zst")

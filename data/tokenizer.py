@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from collections.abc import Iterable
 from pathlib import Path
@@ -16,7 +17,7 @@ from huggingface_hub.errors import (
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from data.loader import load_meta
-from launch.errors import UserError
+from polyak.errors import UserError
 
 EOS = "<|endoftext|>"
 # End-of-text tokens of common pretrained tokenizers (GPT-2/NeoX/Qwen, Llama 3, Llama 2/Mistral, Gemma).
@@ -65,6 +66,16 @@ def eos_id(tokenizer: Tokenizer, name: str) -> int:
 def load_tokenizer(data_dir: str | Path) -> Tokenizer:
     load_meta(data_dir)
     return Tokenizer.from_file(str(Path(data_dir) / "tokenizer.json"))
+
+
+def copy_tokenizer(data_dir: str | Path, out_dir: str | Path) -> None:
+    """tokenizer.json and meta.json of a prepared folder (no tokens): what a run folder needs to be released."""
+    load_meta(data_dir)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    for name in ("tokenizer.json", "meta.json"):
+        shutil.copyfile(Path(data_dir) / name, out / f".{name}.tmp")
+        os.replace(out / f".{name}.tmp", out / name)
 
 
 def write_hf_tokenizer_files(data_dir: str | Path, out_dir: str | Path) -> None:

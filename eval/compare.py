@@ -21,8 +21,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from eval.plots import plot_comparison
-from launch.errors import UserError, cli
-from launch.recipe import Recipe, load_recipe, recipe_to_dict
+from polyak import metrics
+from polyak.errors import UserError, cli
+from polyak.recipe import Recipe, load_recipe, recipe_to_dict
 
 # Recipe keys a short-schedule run may change; everything else must equal the long run's recipe.
 FREE_KEYS = ("run.", "checkpoint.", "log.", "eval.", "averaging.", "train.steps")
@@ -48,21 +49,7 @@ class Run:
 def load_run(run_dir: Path) -> Run:
     if not (run_dir / "recipe.yaml").is_file():
         raise UserError(f"{run_dir} is not a run directory (no recipe.yaml)")
-    path = run_dir / "metrics.jsonl"
-    if not path.is_file():
-        raise UserError(f"{run_dir} has no metrics.jsonl")
-    records = {}
-    for number, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            raise UserError(f"{path}:{number}: not valid JSON") from None
-        if not isinstance(record, dict) or not isinstance(record.get("step"), int):
-            raise UserError(f"{path}:{number}: a record needs an integer 'step'")
-        records[record["step"]] = record  # a resumed run logs a step again: the last record wins
-    return Run(run_dir, load_recipe(run_dir / "recipe.yaml"), records)
+    return Run(run_dir, load_recipe(run_dir / "recipe.yaml"), metrics.read(run_dir))
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:
@@ -261,12 +248,12 @@ def main(argv: list[str] | None = None) -> dict:
     runs = [load_run(d) for d in args.run_dirs]
     summary = compare(runs, args.target)
     if args.evaluate:
+        from averaging.release import read_provenance
         from eval.evaluate import evaluate_release
 
         for folder in args.evaluate:
             result = evaluate_release(folder)
-            provenance = folder / "polyak.json"
-            info = json.loads(provenance.read_text()) if provenance.is_file() else {}
+            info = read_provenance(folder) or {}
             summary["releases"].append({"model_dir": str(folder), "weights": info.get("weights"),
                                         "step": info.get("step"), **result})
     args.out.mkdir(parents=True, exist_ok=True)

@@ -28,7 +28,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from launch.errors import UserError, cli
+from averaging.release import read_provenance
+from data.loader import load_meta, split_tokens
+from polyak.errors import UserError, cli
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -113,21 +115,14 @@ def load_model(model_dir: Path, device: str = "auto", dtype: str = "fp32"):
 
 
 def val_stream(model_dir: Path) -> Stream:
-    """The val split of the run the folder came from: data_dir/val.bin, data_dir named by polyak.json."""
-    provenance = model_dir / "polyak.json"
-    data_dir = json.loads(provenance.read_text()).get("data_dir") if provenance.is_file() else None
+    """The val split of the run the folder came from: the prepared data folder its polyak.json names."""
+    provenance = read_provenance(model_dir)
+    data_dir = provenance.get("data_dir") if provenance else None
     if not data_dir:
         raise UserError(f"no val split known for {model_dir}: it has no polyak.json naming a data_dir; "
                         "pass --text-file or --jsonl")
-    data_dir = Path(data_dir)
-    if not (data_dir / "val.bin").is_file() or not (data_dir / "meta.json").is_file():
-        raise UserError(f"{provenance}: data_dir {str(data_dir)!r} has no val.bin and meta.json")
-    meta = json.loads((data_dir / "meta.json").read_text())
-    tokens = np.fromfile(data_dir / "val.bin", dtype=meta["dtype"])
-    if len(tokens) != meta["val_tokens"]:
-        raise UserError(f"{data_dir / 'val.bin'} holds {len(tokens)} tokens but meta.json says "
-                        f"val_tokens={meta['val_tokens']}")
-    return Stream(torch.from_numpy(tokens.astype(np.int64)), meta["val_bytes"], "val")
+    tokens = split_tokens(data_dir, "val")
+    return Stream(torch.from_numpy(tokens.astype(np.int64)), load_meta(data_dir)["val_bytes"], "val")
 
 
 def read_documents(text_file: Path | None, jsonl: Path | None, field: str) -> list[str]:
@@ -207,8 +202,7 @@ def evaluate_release(model_dir: str | Path, device: str = "auto", dtype: str = "
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(prog="python -m eval.evaluate", description=__doc__.split("\n")[0])
     p.add_argument("model_dir", type=Path, help="a transformers Llama folder (e.g. a release folder)")
-    source = p.add_mutually_exclusive_group()
-    source.add_argument("--split", choices=["val"], help="the run's val split (the default with a polyak.json)")
+    source = p.add_mutually_exclusive_group()  # neither: the run's val split, named by the folder's polyak.json
     source.add_argument("--text-file", type=Path, help="a UTF-8 text file, one document")
     source.add_argument("--jsonl", type=Path, help="a JSONL file, one document per line")
     p.add_argument("--field", default="text", help="the text field of --jsonl records")

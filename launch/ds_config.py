@@ -1,6 +1,6 @@
 """The DeepSpeed config, generated from the recipe (never hand-templated)."""
 
-from launch.recipe import Recipe
+from polyak.recipe import Recipe
 
 
 def deepspeed_config(recipe: Recipe, world_size: int, load_universal: bool = False) -> dict:

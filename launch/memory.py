@@ -9,9 +9,9 @@ import psutil
 import torch
 from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
 
-from launch.errors import UserError
-from launch.recipe import Recipe
-from model.sizes import LlamaArgs, count_params
+from model.llama import LlamaArgs, count_params
+from polyak.errors import UserError
+from polyak.recipe import Recipe
 
 GiB = 2**30
 

@@ -2,7 +2,7 @@
 
 import math
 
-from launch.recipe import TrainConfig
+from polyak.recipe import TrainConfig
 
 
 def lr_multiplier(t: TrainConfig, step: int) -> float:

@@ -5,7 +5,7 @@ checkpoint once with DeepSpeed's ds_to_universal (every parameter's fp32 weights
 into `<checkpoints>/universal/global_step<N>/`, beside the checkpoint, which stays as it was; an engine built with
 `checkpoint: {load_universal: true}` then cuts each parameter for its own rank. A conversion is reused by later
 launches while its checkpoint is unchanged, and removed by the first launch that no longer needs it. The averaging
-state is resharded by averaging/reshard.py; trainer state, sampler and RNG come from the checkpoint as always.
+state is resharded by its reader (averaging/state.py); trainer state, sampler and RNG come from the checkpoint as always.
 """
 
 from __future__ import annotations
@@ -19,16 +19,7 @@ from pathlib import Path
 import deepspeed.comm as dist
 from deepspeed.checkpoint import ds_to_universal
 
-from launch import checkpoint
-from launch.errors import UserError
-
-
-def saved_world_size(directory: Path) -> int:
-    """How many ranks wrote the checkpoint in `directory`: DeepSpeed writes one ZeRO-3 optimizer file per rank."""
-    files = list(directory.glob("*zero_pp_rank_*_optim_states.pt"))
-    if not files:
-        raise UserError(f"{directory}: no DeepSpeed ZeRO-3 optimizer files (*zero_pp_rank_*_optim_states.pt)")
-    return len(files)
+from polyak import checkpoints
 
 
 def root(ckpt_dir: Path) -> Path:
@@ -42,7 +33,7 @@ def prepare(ckpt_dir: Path, step: int | None) -> None:
     if step is None:
         shutil.rmtree(root(ckpt_dir), ignore_errors=True)
         return
-    tag = checkpoint.tag_of(step)
+    tag = checkpoints.tag_of(step)
     root(ckpt_dir).mkdir(exist_ok=True)
     for p in root(ckpt_dir).iterdir():
         if p.name != tag or _fingerprint(ckpt_dir / tag) != _saved_fingerprint(p):

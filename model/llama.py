@@ -8,15 +8,29 @@ deepspeed.zero.Init partitions it.
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-if TYPE_CHECKING:
-    from model.sizes import LlamaArgs
+
+@dataclass
+class LlamaArgs:
+    """The model's shape (model/sizes.py names the usual ones)."""
+
+    dim: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    ffn_dim: int
+    vocab_size: int
+    max_seq_len: int
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = False
+    init_std: float = 0.02
 
 
 class Linear(nn.Linear):
@@ -162,3 +176,51 @@ class Llama(nn.Module):
         if targets is None:
             return logits
         return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+
+
+def count_params(args: LlamaArgs) -> int:
+    """Unique parameters (a tied embedding counts once), counted on the meta device."""
+    with torch.device("meta"):
+        model = Llama(args)
+    return sum(p.numel() for p in model.parameters())
+
+
+def flops_per_token(args: LlamaArgs, seq_len: int) -> float:
+    """Training FLOPs per token: 6 * N + 12 * n_layers * dim * seq_len.
+
+    N counts the weights used in matrix multiplies: every projection of every block and lm_head (tied or not), but
+    not the embedding lookup or the norms. 6 = 2 for the forward multiply-add and 4 for the two backward matmuls.
+    The second term is attention's QK^T and AV products over a full (not causally halved) seq_len x seq_len map,
+    the convention of PaLM (Chowdhery et al., 2022), appendix B; with it MFU is comparable across papers.
+    """
+    head_dim = args.dim // args.n_heads
+    attention = args.dim * head_dim * (2 * args.n_heads + 2 * args.n_kv_heads)
+    mlp = 3 * args.dim * args.ffn_dim
+    n_matmul = args.n_layers * (attention + mlp) + args.dim * args.vocab_size
+    return 6.0 * n_matmul + 12.0 * args.n_layers * args.dim * seq_len
+
+
+def to_hf_config(args: LlamaArgs, bos_token_id: int | None, eos_token_id: int | None) -> dict:
+    """config.json for transformers' LlamaForCausalLM (transformers 5 field names)."""
+    return {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": args.dim,
+        "intermediate_size": args.ffn_dim,
+        "num_hidden_layers": args.n_layers,
+        "num_attention_heads": args.n_heads,
+        "num_key_value_heads": args.n_kv_heads,
+        "head_dim": args.dim // args.n_heads,
+        "vocab_size": args.vocab_size,
+        "max_position_embeddings": args.max_seq_len,
+        "rms_norm_eps": args.norm_eps,
+        "rope_parameters": {"rope_type": "default", "rope_theta": args.rope_theta},
+        "tie_word_embeddings": args.tie_embeddings,
+        "hidden_act": "silu",
+        "attention_bias": False,
+        "mlp_bias": False,
+        "initializer_range": args.init_std,
+        "bos_token_id": bos_token_id,
+        "eos_token_id": eos_token_id,
+        "dtype": "float32",
+    }

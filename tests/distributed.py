@@ -63,7 +63,7 @@ def _rank_main(fn, rank: int, world_size: int, port: int, out: Path, args: tuple
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
                       WORLD_SIZE=str(world_size), LOCAL_WORLD_SIZE=str(world_size), LOCAL_SIZE=str(world_size))
     try:
-        from launch.pretrain import init_distributed
+        from launch.dist import init_distributed
 
         init_distributed()  # as training does: the ranks share the cores, gloo does every collective
         result = fn(rank, world_size, *args)

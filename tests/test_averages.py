@@ -8,10 +8,11 @@ from collections import deque
 import pytest
 import torch
 
-from averaging.averages import LAWA, Averager
+from averaging.averager import Averager
+from averaging.averages import LAWA
 from averaging.partitions import Layout, chunk_size
-from launch.errors import UserError
-from launch.recipe import AverageConfig, AveragingConfig, SpikeGuardConfig
+from polyak.errors import UserError
+from polyak.recipe import AverageConfig, AveragingConfig, SpikeGuardConfig
 
 SIZES = (37, 11)  # two param groups' flat partitions
 
@@ -131,9 +132,12 @@ def test_non_finite_loss_is_never_sampled(enabled):
 
 @pytest.mark.parametrize("offload", ["none", "cpu"])
 def test_non_finite_weights_never_enter_an_average(offload):
-    padding = [torch.tensor([35, 36]), torch.tensor([], dtype=torch.long)]
+    # Three ranks' cut of two parameters: the last rank holds 35 elements of "a" and 2 of padding, 11 of "b".
+    layout = Layout([[("a", (109,))], [("b", (33,))]], world_size=3)
+    padding = layout.padding(2)
+    assert [p.tolist() for p in padding] == [[35, 36], []]
     cfg = config(offload, ema=ema(0.7), lawa=lawa(2))
-    averager = Averager(cfg, weights_at(0), padding=padding)
+    averager = Averager(cfg, weights_at(0), layout, rank=2)
     events = []
     for step in range(1, 6):
         w = weights_at(step)

@@ -13,10 +13,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from bench.harness import ROOT, SMALL
 from launch import checkpoint
-from launch.errors import UserError
-from launch.recipe import CheckpointConfig, load_recipe
-from tests.conftest import ROOT, SMALL
+from polyak import checkpoints
+from polyak.errors import UserError
+from polyak.recipe import CheckpointConfig, load_recipe
 from tests.distributed import run_ranks
 
 
@@ -30,7 +31,7 @@ def make_checkpoints(ckpt_dir: Path, val_losses: dict[int, float | None], latest
 
 
 def remaining(ckpt_dir: Path) -> list[int]:
-    return checkpoint.saved_steps(ckpt_dir)
+    return checkpoints.saved_steps(ckpt_dir)
 
 
 def test_keep_last(tmp_path):
@@ -84,7 +85,7 @@ def test_what_a_kill_left_is_tidied_on_the_next_start(tmp_path):
     for step in (1, 2):
         os.replace(tmp_path / f"global_step{step}", tmp_path / f".tmp-replaced-global_step{step}")
     (tmp_path / "global_step2").mkdir()
-    checkpoint.remove_unfinished(tmp_path)
+    checkpoints.remove_unfinished(tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["global_step1", "global_step2", "global_step3", "latest"]
     assert json.loads((tmp_path / "global_step1" / "trainer.json").read_text())["step"] == 1
     assert not (tmp_path / "global_step2" / "trainer.json").exists()
@@ -94,7 +95,7 @@ def test_what_a_kill_left_is_tidied_on_the_next_start(tmp_path):
 # Real saves: the tiny model of the end-to-end tests, built as pretrain builds it, on 2 gloo ranks.
 
 def _engine(world: int):
-    from launch.pretrain import build
+    from launch.engine import build
 
     recipe = load_recipe(ROOT / "recipes" / "tiny_cpu.yaml", SMALL)
     torch.set_num_threads(1)
@@ -111,12 +112,16 @@ def _resume(rank: int, world: int, ckpt_dir: str) -> dict:
     engine = _engine(world)
     step = checkpoint.newest_intact(Path(ckpt_dir))
 
-    def refuse_on_rank1(directory: Path):
-        if rank == 1:
-            raise UserError(f"rank 1 refuses {directory.name}")
+    class RefusedOnRank1:
+        def save(self, directory: Path) -> None:
+            pass
+
+        def load(self, directory: Path) -> None:
+            if rank == 1:
+                raise UserError(f"rank 1 refuses {directory.name}")
 
     try:
-        checkpoint.load(engine, Path(ckpt_dir), step, refuse_on_rank1)
+        checkpoint.load(engine, Path(ckpt_dir), step, [RefusedOnRank1()])
         error = None
     except UserError as e:
         error = str(e)

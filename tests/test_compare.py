@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 import torch
 
+from bench.harness import run_cli
 from eval.compare import main
-from launch.errors import UserError
-from launch.recipe import AverageConfig, Recipe, save_recipe
 from launch.schedule import lr_multiplier
-from tests.conftest import run_cli
+from polyak.errors import UserError
+from polyak.recipe import AverageConfig, Recipe, save_recipe
 from tests.test_evaluate import hf_loss, make_release
 
 # val losses by step; the long run evaluates every 10 steps, the short runs every 10, 15 and 20.

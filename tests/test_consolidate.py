@@ -15,12 +15,12 @@ from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoin
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
-from averaging.consolidate import Run, consolidate
-from averaging.state import read_full_average
+from averaging.consolidate import consolidate
+from averaging.release import Run
+from bench.harness import full_average, pretrain, run_cli
 from data.tokenizer import load_tokenizer
-from launch.errors import UserError
 from model.llama import Llama
-from tests.conftest import pretrain, run_cli
+from polyak.errors import UserError
 
 TEXTS = ["def main():\n    return 0\n", "Ünïcödé, tabs\tand  spaces; <|endoftext|> mid-text.", ""]
 
@@ -87,7 +87,7 @@ def test_export_loads_in_transformers_with_our_logits(weights, run3, tmp_path):
     out = consolidate(run3 / "checkpoints", None, weights, tmp_path / weights)
     state = released(out)
     latest = run3 / "checkpoints" / "global_step12"
-    expected = zero_to_fp32(run3) if weights == "raw" else read_full_average(latest, weights)
+    expected = zero_to_fp32(run3) if weights == "raw" else full_average(latest, weights)
     assert state.keys() == expected.keys()
     for name, tensor in expected.items():
         assert torch.equal(state[name], tensor), name

@@ -21,8 +21,8 @@ from data.loader import TokenWindows, TrainBatches, load_meta, val_batches
 from data.prepare import prepare
 from data.sources import index_in_val, path_in_val
 from data.tokenizer import EOS, load_tokenizer, train_bpe, write_hf_tokenizer_files
-from launch.errors import UserError
-from launch.recipe import DataConfig
+from polyak.errors import UserError
+from polyak.recipe import DataConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 WORDS = "the a model data token weight average loss step rank batch window stream byte merge".split()
@@ -296,7 +296,7 @@ def test_token_windows_are_shifted_slices_of_the_stream(stdlib_dir):
     val_tokens = load_meta(stdlib_dir)["val_tokens"]
     with pytest.raises(UserError, match=f"the val split of .* has {val_tokens} tokens"):
         TokenWindows(stdlib_dir, "val", val_tokens)
-    with pytest.raises(UserError, match="is not prepared"):
+    with pytest.raises(UserError, match="is not a prepared data folder"):
         load_meta(stdlib_dir.parent)
 
 

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 import torch
 
+from bench.harness import run_cli
 from eval.evaluate import evaluate_tokens, load_model, main
-from launch.errors import UserError
-from tests.conftest import run_cli
+from polyak.errors import UserError
 
 WORDS = ["the", "weight", "average", "of", "many", "steps", "follows", "a", "slow", "curve", "while", "learning",
          "rate", "decays", "to", "its", "floor", "and", "each", "token", "costs", "bits", "per", "byte", "naïve",
@@ -182,7 +182,7 @@ def test_val_split_is_the_default_with_polyak_json(release, model):
     assert result["loss"] == pytest.approx(hf_loss(model, val, 64), abs=1e-5)
     assert result["bits_per_byte"] == pytest.approx(
         result["loss"] * meta["val_tokens"] / (math.log(2) * meta["val_bytes"]), rel=1e-12)
-    capped = main([str(release), "--split", "val", "--max-tokens", "100"])
+    capped = main([str(release), "--max-tokens", "100"])
     assert capped["bytes"] == pytest.approx(meta["val_bytes"] * 100 / meta["val_tokens"])
     assert capped["loss"] == pytest.approx(hf_loss(model, val[:100], 64), abs=1e-5)
     assert (release / "eval_val.json").is_file()

@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import torch
 
+from bench.harness import ROOT
 from eval.lm_eval_task.make import main as make_main
 from eval.lm_eval_task.make import val_documents
-from launch.errors import UserError
-from tests.conftest import ROOT
+from polyak.errors import UserError
 from tests.test_evaluate import corpus, make_release
 
 
@@ -43,7 +43,7 @@ def test_too_small_val_split_is_a_clear_error(setup, tmp_path):
     with pytest.raises(UserError, match="too small for items of 500 \\+ 4 words"):
         make_main(["--data-dir", str(data_dir), "--out", str(tmp_path / "x.jsonl"), "--context-words", "500",
                    "--answer-words", "4"])
-    with pytest.raises(UserError, match="is not a prepared data folder \\(no val.bin\\)"):
+    with pytest.raises(UserError, match="is not a prepared data folder \\(no meta.json\\)"):
         make_main(["--data-dir", str(tmp_path), "--out", str(tmp_path / "x.jsonl")])
 
 

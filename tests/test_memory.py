@@ -3,10 +3,11 @@
 import pytest
 from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
 
+from bench.harness import ROOT, pretrain
 from launch.memory import averaging_bytes, estimate
-from launch.recipe import load_recipe
-from model.sizes import count_params, resolve
-from tests.conftest import ROOT, pretrain
+from model.llama import count_params
+from model.sizes import resolve
+from polyak.recipe import load_recipe
 
 
 def test_averaging_buffers_are_one_nth_of_the_model_per_copy():

@@ -11,10 +11,11 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from launch.errors import UserError
-from launch.recipe import ModelConfig
-from model.llama import Llama
-from model.sizes import SIZES, LlamaArgs, count_params, flops_per_token, peak_flops, resolve, to_hf_config
+from launch.metrics import peak_flops
+from model.llama import Llama, LlamaArgs, count_params, flops_per_token, to_hf_config
+from model.sizes import SIZES, resolve
+from polyak.errors import UserError
+from polyak.recipe import ModelConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -139,10 +140,8 @@ def test_init_survives_deepspeed_zero_init():
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=os.environ["PORT"], RANK="0", WORLD_SIZE="1",
                           LOCAL_RANK="0")
         import deepspeed, torch
-        from model.llama import Llama
-        from model.sizes import LlamaArgs
-
-        from launch.pretrain import init_distributed
+        from launch.dist import init_distributed
+        from model.llama import Llama, LlamaArgs
 
         init_distributed()
         args = LlamaArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=96, vocab_size=128, max_seq_len=32,

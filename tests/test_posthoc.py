@@ -11,11 +11,12 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from averaging.consolidate import MasterWeights, consolidate
+from averaging.consolidate import consolidate
 from averaging.posthoc import posthoc
-from averaging.state import description_file, read_full_average
-from launch.errors import UserError
-from tests.conftest import run_cli
+from averaging.state import description_file
+from averaging.weights import MasterWeights
+from bench.harness import full_average, run_cli
+from polyak.errors import UserError
 from tests.test_consolidate import link_copy, released, zero_to_fp32
 
 
@@ -51,7 +52,7 @@ def test_averages_equal_those_of_full_weights(method, options, steps, run2, tmp_
     copy = link_copy(run2, tmp_path / "run")
     target = posthoc(copy / "checkpoints", method, out_tag="offline", **options)
     assert target == copy / "checkpoints" / "offline" and posthoc_steps(target, "offline") == steps
-    average = read_full_average(target, "offline")
+    average = full_average(target, "offline")
     assert_close_weights(average, oracle(run2, steps, method, options.get("beta")))
 
     out = consolidate(copy / "checkpoints", "offline", "offline", tmp_path / "release")
@@ -85,7 +86,7 @@ def test_skip_spikes_and_best_select_the_right_steps(run1, tmp_path):
     assert posthoc_steps(target, "calm") == [1, 2, 3, 4, 5, 6, 8, 10, 11, 12]
     target = posthoc(ckpt, "sma", best=2, out_tag="best")
     assert posthoc_steps(target, "best") == [6, 12]
-    assert_close_weights(read_full_average(target, "best"), oracle(run1, [6, 12], "sma"))
+    assert_close_weights(full_average(target, "best"), oracle(run1, [6, 12], "sma"))
     target = posthoc(ckpt, "sma", skip_spikes=2.0, last=4, best=2, out_tag="both")
     assert posthoc_steps(target, "both") == [8, 12]  # of the last 4 that are no spikes (8, 10, 11, 12), the best 2
     with pytest.raises(UserError, match="--best 5: only 4 of the 12 checkpoints left have a val loss"):

@@ -8,28 +8,28 @@ import os
 import signal
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-from averaging.state import read_full_average
+from bench.harness import (
+    ROOT,
+    SMALL,
+    assert_identical,
+    computed,
+    free_port,
+    full_average,
+    pretrain,
+    rank_states,
+    read_metrics,
+)
 from data.loader import load_meta
-from launch.recipe import load_recipe
 from model.llama import Llama
 from model.sizes import resolve
-from tests.conftest import ROOT, SMALL, free_port, pretrain, read_metrics
+from polyak.recipe import load_recipe
 
 pytestmark = pytest.mark.slow
-
-# What a run records that depends on the machine's speed rather than on the computation.
-TIMING = {"tokens_per_s", "step_time", "mfu"}
-
-
-def computed(records: list[dict]) -> list[dict]:
-    return [{k: v for k, v in r.items() if k not in TIMING} for r in records]
-
 
 def test_two_ranks_train_and_log(run2):
     records = read_metrics(run2)
@@ -47,7 +47,7 @@ def test_two_ranks_train_and_log(run2):
         f"global_step{s}" for s in range(1, 13))
     assert load_recipe(run2 / "recipe.yaml").run.dir == str(run2)
     # Weight decay on the matrices, none on the norms: two optimizer groups survive ZeRO-3's partitioning.
-    for state in _rank_states(ckpt / "global_step12"):
+    for state in rank_states(ckpt / "global_step12"):
         groups = state["optimizer_state_dict"]["param_groups"]
         assert [g["weight_decay"] for g in groups] == [0.1, 0.0]
 
@@ -77,33 +77,10 @@ def test_online_averages_equal_offline_averages_of_the_full_weights(run, request
     lawa = {k: sum(s[k] for s in ring) / len(ring) for k in theta}
     final = ckpt / f"global_step{recipe.train.steps}"
     for name, oracle in (("ema", ema), ("lawa", lawa)):
-        online = read_full_average(final, name)
+        online = full_average(final, name)
         assert online.keys() == oracle.keys()
         for k in oracle:
             torch.testing.assert_close(online[k], oracle[k], rtol=1e-6, atol=1e-7, msg=f"{name} {k}")
-
-
-def _rank_states(step_dir: Path) -> list:
-    # DeepSpeed's own optimizer files are pickles: read here only to compare two runs.
-    return [torch.load(p, map_location="cpu", weights_only=False)["optimizer_state_dict"]
-            for p in sorted(step_dir.glob("*optim_states.pt"))]
-
-
-def assert_identical(a, b, where="") -> None:
-    if isinstance(a, torch.Tensor):
-        assert torch.equal(a, b), where
-    elif isinstance(a, dict):
-        assert a.keys() == b.keys(), where
-        for k in a:
-            assert_identical(a[k], b[k], f"{where}/{k}")
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), where
-        for i, (x, y) in enumerate(zip(a, b)):
-            assert_identical(x, y, f"{where}/{i}")
-    elif hasattr(a, "__dict__"):  # DeepSpeed's own objects (its loss scaler) compare by their fields
-        assert_identical(vars(a), vars(b), where)
-    else:
-        assert a == b, where
 
 
 def test_resume_is_bitwise_identical(run2, data_dir, tmp_path):
@@ -115,9 +92,9 @@ def test_resume_is_bitwise_identical(run2, data_dir, tmp_path):
     assert "resumed from" in proc.stderr
     assert computed(read_metrics(tmp_path)) == computed(read_metrics(run2))
     a, b = run2 / "checkpoints" / "global_step12", tmp_path / "checkpoints" / "global_step12"
-    assert_identical(_rank_states(a), _rank_states(b))
+    assert_identical(rank_states(a), rank_states(b))
     for name in ("ema", "lawa"):
-        assert_identical(read_full_average(a, name), read_full_average(b, name))
+        assert_identical(full_average(a, name), full_average(b, name))
 
     # The same run directory with another model is refused, and nothing in it changes.
     before = (tmp_path / "recipe.yaml").read_text()

@@ -5,10 +5,10 @@ import sys
 
 import pytest
 
-from launch.errors import UserError
-from launch.recipe import TrainConfig, load_recipe, recipe_from_dict, recipe_to_dict
+from bench.harness import ROOT, run_cli
 from launch.schedule import lr_multiplier
-from tests.conftest import ROOT, run_cli
+from polyak.errors import UserError
+from polyak.recipe import TrainConfig, load_recipe, recipe_from_dict, recipe_to_dict
 
 
 @pytest.mark.parametrize("path", sorted((ROOT / "recipes").glob("*.yaml")), ids=lambda p: p.name)

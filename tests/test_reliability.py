@@ -15,23 +15,23 @@ from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoin
 
 from averaging.partitions import Layout
 from bench.faults import Kill, assert_same_run, interrupt, last_records, resume
+from bench.harness import SMALL, free_port, pretrain, read_metrics, run_cli
 from data.loader import TokenWindows, TrainBatches, val_batches
-from launch import checkpoint
-from tests.conftest import SMALL, free_port, pretrain, read_metrics, run_cli
+from polyak import checkpoints
 
 
 def copy_run(source: Path, run_dir: Path, steps=None) -> None:
     """A run directory holding `source`'s recipe and checkpoints (those of `steps` only, if given)."""
     (run_dir / "checkpoints").mkdir(parents=True)
     shutil.copy(source / "recipe.yaml", run_dir / "recipe.yaml")
-    for step in steps or checkpoint.saved_steps(source / "checkpoints"):
+    for step in steps or checkpoints.saved_steps(source / "checkpoints"):
         shutil.copytree(source / "checkpoints" / f"global_step{step}", run_dir / "checkpoints" / f"global_step{step}")
-    last = max(steps) if steps else checkpoint.latest_step(source / "checkpoints")
+    last = max(steps) if steps else checkpoints.latest_step(source / "checkpoints")
     (run_dir / "checkpoints" / "latest").write_text(f"global_step{last}")
 
 
 def intact(ckpt_dir: Path) -> bool:
-    return all(not checkpoint.problems(ckpt_dir / f"global_step{s}") for s in checkpoint.saved_steps(ckpt_dir))
+    return all(not checkpoints.problems(ckpt_dir / f"global_step{s}") for s in checkpoints.saved_steps(ckpt_dir))
 
 
 # SIGKILL of one rank, and the same command again: the run2 of tests/conftest.py, bit for bit.
@@ -92,8 +92,8 @@ def test_a_diverging_run_stops_naming_the_last_good_checkpoint(data_dir, tmp_pat
     assert [line for line in proc.stderr.splitlines() if line.startswith("error:")] == [
         (f"error: 3 non-finite losses or gradients in a row at step {good + 3} (train.max_bad_steps=3); the last "
          f"good checkpoint: {ckpt_dir / f'global_step{good}'}")]
-    assert checkpoint.saved_steps(ckpt_dir) == list(range(1, good + 1))  # none saved during the bad steps
-    assert checkpoint.latest_step(ckpt_dir) == good and intact(ckpt_dir)
+    assert checkpoints.saved_steps(ckpt_dir) == list(range(1, good + 1))  # none saved during the bad steps
+    assert checkpoints.latest_step(ckpt_dir) == good and intact(ckpt_dir)
     weights = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=f"global_step{good}")
     assert weights and all(torch.isfinite(t).all() for t in weights.values())
 
@@ -141,7 +141,7 @@ def test_one_skipped_step_keeps_data_order_and_schedule_aligned(run2, data_dir, 
     assert [ours[s]["lr"] for s in ours] == [theirs[s]["lr"] for s in ours]
     assert all(ours[s] == theirs[s] for s in range(start + 1, bad))  # the poisoned row is in no earlier batch
     saved = [s for s in range(1, 13) if s != bad]  # none for the skipped step
-    assert checkpoint.saved_steps(tmp_path / "checkpoints") == saved
+    assert checkpoints.saved_steps(tmp_path / "checkpoints") == saved
     assert [sampler(tmp_path, s) for s in saved if s > start] == [sampler(run2, s) for s in saved if s > start]
 
 

@@ -12,14 +12,15 @@ import pytest
 import torch
 from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-from averaging.averages import Averager
+from averaging.averager import Averager
 from averaging.partitions import Layout, reshard_plan
-from averaging.reshard import load_resharded_state
-from averaging.state import description_file, rank_file, read_full_average, save_state
-from launch import checkpoint, universal
-from launch.errors import UserError
-from launch.recipe import AverageConfig, AveragingConfig, SpikeGuardConfig
-from tests.conftest import pretrain, read_metrics
+from averaging.state import description_file, rank_file
+from averaging.weights import zero_world_size
+from bench.harness import full_average, pretrain, read_metrics
+from launch import universal
+from polyak.checkpoints import problems, tag_of
+from polyak.errors import UserError
+from polyak.recipe import AverageConfig, AveragingConfig, SpikeGuardConfig
 
 # Two param groups; sizes that 2..6 mostly do not divide, and parameters smaller than the world size, so that whole
 # chunks are padding on the last ranks.
@@ -47,7 +48,7 @@ def started(world: int, seed: int, cfg: AveragingConfig | None = None, groups=GR
     layout = Layout(groups, world)
     g = torch.Generator().manual_seed(seed)
     full = {name: torch.randn(shape, generator=g) for group in groups for name, shape in group}
-    return [Averager(cfg or averaging_config(), layout.cut(full, r), padding=layout.padding(r)) for r in range(world)]
+    return [Averager(cfg or averaging_config(), layout.cut(full, r), layout, r) for r in range(world)]
 
 
 def averaged_on(world: int, steps: int) -> list[Averager]:
@@ -61,16 +62,15 @@ def averaged_on(world: int, steps: int) -> list[Averager]:
 
 
 def save_all(averagers: list[Averager], directory: Path) -> None:
-    layout = Layout(GROUPS, len(averagers))
-    for r, averager in enumerate(averagers):
-        save_state(averager, layout, directory, r, len(averagers))
+    for averager in averagers:
+        averager.save(directory)
 
 
 def resharded(directory: Path, world: int) -> list[Averager]:
     """Fresh Averagers of `world` ranks (started from other weights) that load the state saved in `directory`."""
     averagers = started(world, seed=99)
-    for r, averager in enumerate(averagers):
-        load_resharded_state(averager, directory, r, world, Layout(GROUPS, world))
+    for averager in averagers:
+        averager.load(directory)
     return averagers
 
 
@@ -114,7 +114,7 @@ def test_averages_resharded_are_the_saved_ones_bitwise(saved, world, tmp_path):
     counters = description(tmp_path / "saved")["averages"]
     assert (counters["ema"]["skipped"], counters["lawa"]["skipped"], counters["lawa"]["skip_left"]) == (3, 2, 1)
     for name in ("ema", "lawa"):
-        a, b = read_full_average(tmp_path / "saved", name), read_full_average(tmp_path / "resharded", name)
+        a, b = full_average(tmp_path / "saved", name), full_average(tmp_path / "resharded", name)
         assert all(torch.equal(a[k], b[k]) for k in a)
 
     # Two more steps on each: the same averages as the run that kept its world size.
@@ -127,7 +127,7 @@ def test_averages_resharded_are_the_saved_ones_bitwise(saved, world, tmp_path):
     save_all(cut, tmp_path / "cut")
     assert description(tmp_path / "cut") == description(tmp_path / "go_on")
     for name in ("ema", "lawa"):
-        a, b = read_full_average(tmp_path / "go_on", name), read_full_average(tmp_path / "cut", name)
+        a, b = full_average(tmp_path / "go_on", name), full_average(tmp_path / "cut", name)
         assert all(torch.equal(a[k], b[k]) for k in a)
 
 
@@ -136,7 +136,7 @@ def test_ranks_with_other_counters_are_refused(tmp_path):
     averagers[1].update(4, 4.6, Layout(GROUPS, 2).cut(full_weights(4), 1))  # one rank a step ahead
     save_all(averagers, tmp_path)
     with pytest.raises(UserError, match=r"rank00001\.safetensors: rank 1's averaging counters .* differ from rank 0's "
-                                        r".*; these averages cannot be resharded"):
+                                        r".*; these averages are not one consistent state"):
         resharded(tmp_path, 3)
 
 
@@ -144,12 +144,12 @@ def test_bad_saved_states_are_named(tmp_path):
     save_all(averaged_on(2, steps=3), tmp_path)
     other = [[("embed", (7, 4)), *GROUPS[0][1:]], GROUPS[1]]
     with pytest.raises(UserError, match="the saved partition layout differs from this model's: group 0 parameter 0"):
-        load_resharded_state(started(3, 0, groups=other)[0], tmp_path, 0, 3, Layout(other, 3))
+        started(3, 0, groups=other)[0].load(tmp_path)
     wider = AveragingConfig(averages={"ema": AverageConfig(kind="ema", beta=0.8),
                                       "lawa": AverageConfig(kind="lawa", window=5, every=2)})
     with pytest.raises(UserError, match=r"average 'lawa' was saved as .*'window': 3.*, but the recipe says "
                                         r".*'window': 5"):
-        load_resharded_state(started(3, 0, wider)[0], tmp_path, 0, 3, Layout(GROUPS, 3))
+        started(3, 0, wider)[0].load(tmp_path)
     rank_file(tmp_path, 1).unlink()
     with pytest.raises(UserError, match=r"rank00001\.safetensors: not found; the averaging state of rank 1"):
         resharded(tmp_path, 3)
@@ -166,7 +166,7 @@ LOSS_RTOL = 5e-4
 
 def resumable_copy(run: Path, to: Path) -> Path:
     """A new run directory holding only `run`'s checkpoint of STEP (the session's run stays as it is)."""
-    tag = checkpoint.tag_of(STEP)
+    tag = tag_of(STEP)
     shutil.copytree(run / "checkpoints" / tag, to / "checkpoints" / tag)
     (to / "checkpoints" / "latest").write_text(tag)
     return to
@@ -179,7 +179,7 @@ def overrides(data_dir: Path, run_dir: Path, *more: str) -> list[str]:
 def assert_same_state(original: Path, resharded: Path) -> None:
     """The same full averages, fp32 weights, Adam moments and step, and optimizer hyperparameters, bitwise."""
     for name in ("ema", "lawa"):
-        a, b = read_full_average(original, name), read_full_average(resharded, name)
+        a, b = full_average(original, name), full_average(resharded, name)
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
     a, b = (get_fp32_state_dict_from_zero_checkpoint(str(d.parent), tag=d.name) for d in (original, resharded))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -222,9 +222,9 @@ def test_two_ranks_resharded_to_three(run2, data_dir, tmp_path):
     assert "no saved RNG state for rank 2: seeded from train.seed" in proc.stderr
     assert ("the data order differs from the original run's: ranks x train.micro_batch was 2 x 4, is 3 x 4"
             in proc.stderr)
-    step_dir = run / "checkpoints" / checkpoint.tag_of(STEP)
-    assert universal.saved_world_size(step_dir) == 3 and checkpoint.problems(step_dir) == []
-    assert_same_state(run2 / "checkpoints" / checkpoint.tag_of(STEP), step_dir)
+    step_dir = run / "checkpoints" / tag_of(STEP)
+    assert zero_world_size(step_dir) == 3 and problems(step_dir) == []
+    assert_same_state(run2 / "checkpoints" / tag_of(STEP), step_dir)
 
 
 @pytest.mark.slow
@@ -234,7 +234,7 @@ def test_three_ranks_resharded_to_two_train_on_as_before(run3, data_dir, tmp_pat
     proc = pretrain(2, overrides(data_dir, run, "train.micro_batch=6"), "--stop-after", str(STEP))
     assert "resharded from 3 to 2 ranks" in proc.stderr
     assert "no saved RNG state" not in proc.stderr and "data order" not in proc.stderr
-    assert_same_state(run3 / "checkpoints" / checkpoint.tag_of(STEP), run / "checkpoints" / checkpoint.tag_of(STEP))
+    assert_same_state(run3 / "checkpoints" / tag_of(STEP), run / "checkpoints" / tag_of(STEP))
 
     proc = pretrain(2, overrides(data_dir, run, "train.micro_batch=6"))
     assert "resharded from" not in proc.stderr and not universal.root(run / "checkpoints").exists()  # no longer needed
@@ -246,12 +246,12 @@ def test_two_ranks_resumed_on_one_without_stopping(run2, data_dir, tmp_path):
     """Resharded and trained on in one launch; the checkpoint is left as it was and its conversion kept beside it
     for the next launch, until the checkpoint changes."""
     run = resumable_copy(run2, tmp_path)
-    ckpt_dir, tag = run / "checkpoints", checkpoint.tag_of(STEP)
+    ckpt_dir, tag = run / "checkpoints", tag_of(STEP)
     before = sorted(p.relative_to(ckpt_dir / tag) for p in (ckpt_dir / tag).rglob("*"))
     pretrain(1, overrides(data_dir, run, "train.micro_batch=8"))
     assert_continues(run2, run)
     assert sorted(p.relative_to(ckpt_dir / tag) for p in (ckpt_dir / tag).rglob("*")) == before
-    assert checkpoint.problems(ckpt_dir / tag) == [] and universal.saved_world_size(ckpt_dir / tag) == 2
+    assert problems(ckpt_dir / tag) == [] and zero_world_size(ckpt_dir / tag) == 2
 
     conversion = universal.root(ckpt_dir) / tag
     (conversion / "mark").touch()

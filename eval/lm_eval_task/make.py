@@ -21,19 +21,14 @@ from pathlib import Path
 
 import numpy as np
 
-from launch.errors import UserError, cli
+from data.loader import load_meta, split_tokens
+from data.tokenizer import load_tokenizer
+from polyak.errors import UserError, cli
 
 
 def val_documents(data_dir: Path) -> list[str]:
-    """The val split's documents as text: val.bin split at EOS, decoded with the folder's tokenizer.json."""
-    from tokenizers import Tokenizer
-
-    for name in ("val.bin", "meta.json", "tokenizer.json"):
-        if not (data_dir / name).is_file():
-            raise UserError(f"{data_dir} is not a prepared data folder (no {name})")
-    meta = json.loads((data_dir / "meta.json").read_text())
-    tokens = np.fromfile(data_dir / "val.bin", dtype=meta["dtype"])
-    tokenizer = Tokenizer.from_file(str(data_dir / "tokenizer.json"))
+    """The val split's documents as text: its token stream split at EOS, decoded with the folder's tokenizer."""
+    meta, tokens, tokenizer = load_meta(data_dir), split_tokens(data_dir, "val"), load_tokenizer(data_dir)
     pieces = np.split(tokens, np.flatnonzero(tokens == meta["eos_id"]))
     return [tokenizer.decode(ids.tolist()) for ids in (p[p != meta["eos_id"]] for p in pieces) if len(ids)]
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import yaml
 
-from launch.errors import UserError
+from polyak.errors import UserError
 
 
 @dataclass

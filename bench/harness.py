@@ -1,0 +1,106 @@
+"""What tests and benchmarks share: the trainer launched as a user launches it, on CPU ranks, with a small recipe;
+and two runs compared bit for bit."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from averaging.state import SavedAverages
+from polyak import metrics
+
+ROOT = Path(__file__).resolve().parent.parent
+DEEPSPEED = Path(sys.executable).parent / "deepspeed"
+
+# The embedded default recipe, shrunk so that a multi-rank run takes seconds.
+SMALL = [
+    "model.size=null", "model.dim=64", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=2",
+    "data.bpe_vocab_size=512", "data.seq_len=64", "data.max_tokens=300000",
+    "train.micro_batch=4", "train.steps=12", "train.warmup=2", "train.lr=0.01",
+    "eval.every=4", "eval.batches=2", "checkpoint.every=4", "log.progress=false",
+    "averaging.ema.beta=0.8", "averaging.lawa.window=3", "averaging.lawa.every=2",
+]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_cli(args: list[str], check: bool = True, timeout: int = 600, env: dict | None = None):
+    """Run a command from the repository root, as a user would; returns the CompletedProcess.
+
+    The command runs in its own process group: on a timeout the ranks a launcher started are killed with it, so a
+    hung run cannot hold the cores for the tests after it.
+    """
+    with subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}) as p:
+        try:
+            stdout, stderr = p.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(p.pid, signal.SIGKILL)
+            stdout, stderr = p.communicate()
+            raise AssertionError(f"{' '.join(map(str, args))} still running after {timeout} s\n{stdout[-4000:]}\n"
+                                 f"{stderr[-8000:]}") from None
+    proc = subprocess.CompletedProcess(args, p.returncode, stdout, stderr)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(map(str, args))} exited {proc.returncode}\n{proc.stdout[-4000:]}\n"
+                             f"{proc.stderr[-8000:]}")
+    return proc
+
+
+def pretrain(ranks: int, overrides: list[str], *extra: str, check: bool = True):
+    """`deepspeed --num_gpus N launch/pretrain.py --recipe recipes/tiny_cpu.yaml --set ...` on CPU ranks."""
+    args = [str(DEEPSPEED), "--num_gpus", str(ranks), "--master_port", str(free_port()), "launch/pretrain.py",
+            "--recipe", "recipes/tiny_cpu.yaml", *extra]
+    for item in SMALL + overrides:
+        args += ["--set", item]
+    return run_cli(args, check=check)
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    """Every logged step's last record, in step order."""
+    return list(metrics.read(run_dir).values())
+
+
+# What a run records that depends on the machine's speed rather than on the computation.
+TIMING = {"tokens_per_s", "step_time", "mfu"}
+
+
+def computed(records: list[dict]) -> list[dict]:
+    return [{k: v for k, v in r.items() if k not in TIMING} for r in records]
+
+
+def rank_states(step_dir: Path) -> list:
+    # DeepSpeed's own optimizer files are pickles: read here only to compare two runs.
+    return [torch.load(p, map_location="cpu", weights_only=False)["optimizer_state_dict"]
+            for p in sorted(step_dir.glob("*optim_states.pt"))]
+
+
+def assert_identical(a, b, where="") -> None:
+    if isinstance(a, torch.Tensor):
+        assert torch.equal(a, b), where
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys(), where
+        for k in a:
+            assert_identical(a[k], b[k], f"{where}/{k}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_identical(x, y, f"{where}/{i}")
+    elif hasattr(a, "__dict__"):  # DeepSpeed's own objects (its loss scaler) compare by their fields
+        assert_identical(vars(a), vars(b), where)
+    else:
+        assert a == b, where
+
+
+def full_average(directory: Path, name: str) -> dict[str, torch.Tensor]:
+    """One average saved in a checkpoint, as full fp32 tensors by parameter name."""
+    return SavedAverages(directory).average(name).full()

@@ -1,0 +1,100 @@
+"""The process group: starting it on GPUs (NCCL) or CPU ranks (gloo), rank-0 work the others wait for, agreement
+across ranks, and a one-line diagnosis when a rank dies or the job is stopped."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import deepspeed
+import deepspeed.comm as dist
+import torch
+
+from polyak import checkpoints
+from polyak.errors import UserError
+
+
+def init_distributed() -> torch.device:
+    if torch.cuda.is_available():
+        local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        torch.cuda.set_device(local_rank)
+        deepspeed.init_distributed(dist_backend="nccl")
+        return torch.device("cuda", local_rank)
+    if "OMP_NUM_THREADS" not in os.environ:  # without core binding, every rank would start a thread per core
+        torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // int(os.environ.get("LOCAL_SIZE", 1))))
+    # DeepSpeed's CPU backend JIT-compiles a shared-memory all-reduce at start-up and maps a 66 MiB /dev/shm buffer
+    # per rank that it never removes; a rank killed while it checks that build leaves torch's build lock behind, and
+    # every later start waits on it forever. The op only serves inference_all_reduce, which training never calls:
+    # gloo does every collective. Marked unavailable, it is neither built nor mapped.
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    deepspeed.init_distributed(dist_backend="gloo")
+    return torch.device("cpu")
+
+
+def on_rank0(fn) -> None:
+    """Run `fn` on rank 0 while the others wait; a UserError there stops every rank (printed once)."""
+    failure = [None]
+    if dist.get_rank() == 0:
+        try:
+            fn()
+        except UserError as e:
+            failure = [str(e)]
+    dist.broadcast_object_list(failure, src=0)
+    if failure[0] is not None:
+        raise UserError(failure[0])
+
+
+class Stopped(Exception):
+    """SIGTERM: from the launcher when another rank died, or from the scheduler (time limit, preemption)."""
+
+
+def raise_stopped(signum, frame):
+    raise Stopped()
+
+
+def explain_stop(error: Exception, ckpt_dir: Path) -> None:
+    """A rank that dies, or a SIGTERM, stops the others wherever they are. Instead of their tracebacks: one line
+    (from the lowest surviving local rank) saying why and how to go on, and exit code 1."""
+    lost, alive = _local_ranks()
+    peer_gone = isinstance(error, torch.distributed.DistError) or "by peer" in str(error)
+    if not (lost or peer_gone or isinstance(error, Stopped)):
+        return
+    if int(os.environ.get("LOCAL_RANK", "0")) == min(alive):
+        why = (f"rank {', '.join(map(str, lost))} died (killed, or crashed: see its output above)" if lost
+               else "stopped by SIGTERM" if isinstance(error, Stopped) else "a rank on another node died")
+        print(f"error: {why}; run the same command again to resume from the last checkpoint: "
+              f"{checkpoints.describe_latest(ckpt_dir)}", file=sys.stderr)
+    sys.exit(1)
+
+
+def _local_ranks() -> tuple[list[int], list[int]]:
+    """The global ranks this node's launcher started that are gone, and the local ranks still running."""
+    import psutil
+
+    size = int(os.environ.get("LOCAL_SIZE") or os.environ.get("LOCAL_WORLD_SIZE") or "1")
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    alive = {local}
+    for sibling in psutil.Process().parent().children():
+        try:
+            if sibling.status() != psutil.STATUS_ZOMBIE and "LOCAL_RANK" in (env := sibling.environ()):
+                alive.add(int(env["LOCAL_RANK"]))
+        except psutil.Error:
+            pass  # gone while we looked, or not ours to read
+    first = int(os.environ.get("RANK", "0")) - local  # the launcher numbers a node's ranks consecutively
+    return [first + r for r in range(size) if r not in alive], sorted(alive)
+
+
+def all_finite(loss: torch.Tensor) -> bool:
+    """True when every rank's loss is finite (one tiny all-reduce, so all ranks skip together)."""
+    bad = (~torch.isfinite(loss.detach())).float().reshape(1)
+    dist.all_reduce(bad)
+    return bad.item() == 0
+
+
+def mean_over_ranks(losses: list[torch.Tensor]) -> float:
+    total = torch.stack(losses).float().mean().reshape(1)
+    dist.all_reduce(total)
+    return total.item() / dist.get_world_size()
+
+
