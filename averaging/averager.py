@@ -1,15 +1,18 @@
-"""The Averager: every configured average of one rank, sampled after each optimizer step, with the loss-spike guard;
-a checkpoint component that saves and loads its own state (averaging/state.py)."""
+"""The Averager: every configured average of one rank and its snapshot store, sampled after each optimizer step, with
+the loss-spike guard; a checkpoint component that saves and loads its own state (averaging/state.py)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import torch
 
 from averaging import state
-from averaging.averages import HYPERPARAMETERS, buffer_like, hyperparameters, make_average
+from averaging.averages import HYPERPARAMETERS, LAWA, buffer_like, hyperparameters, make_average
 from averaging.partitions import Layout
+from averaging.snapshots import SnapshotStore
 from averaging.spikes import LossHistory
 from polyak.errors import UserError
 from polyak.recipe import AveragingConfig
@@ -18,32 +21,46 @@ from polyak.recipe import AveragingConfig
 class Averager:
     """`partitions`: this rank's flat fp32 partitions, one per param group. `layout` (the ZeRO-3 partition layout,
     averaging/partitions.py) and `rank` place them in the model: they are needed to save and load the state, and
-    they exclude ZeRO-3's padding, which it leaves uninitialised, from the non-finite check.
+    they exclude ZeRO-3's padding, which it leaves uninitialised, from the non-finite check. `store` holds the LAWAs'
+    samples and writes the scheduled snapshots. `agree(flag)` sums a one-element tensor over the ranks (the
+    default, for one process, returns it): every rank then makes the same choice about non-finite weights.
 
-    With `offload: cpu` the buffers live in host memory. The device→host copy of a sample is issued on a side stream
-    and its arithmetic deferred to the next call that needs the averages, so the host never waits for the device.
+    Where the work happens: an EMA beside the partitions (`offload: none`) is updated in place on the training
+    stream. Everything in host memory (offloaded EMAs, every LAWA, the snapshots) is fed from one host copy of the
+    partitions (`staging`, the only page-locked buffer, on a side stream on a GPU) by a worker thread, which also
+    writes and reads back the snapshots: the training thread only issues the copy, and waits for the worker only when
+    the previous update's work is still running at the next one.
     """
 
     def __init__(self, cfg: AveragingConfig, partitions: list[torch.Tensor], layout: Layout | None = None,
-                 rank: int = 0):
-        self.cfg, self.layout, self.rank = cfg, layout, rank
+                 rank: int = 0, store: SnapshotStore | None = None,
+                 agree: Callable[[torch.Tensor], torch.Tensor] | None = None):
+        self.cfg, self.layout, self.rank, self.store = cfg, layout, rank, store
+        self.agree = agree or (lambda flag: flag)
         initial = [p.detach() for p in partitions]
-        on_cuda = any(p.is_cuda for p in initial)
-        device = torch.device("cpu") if cfg.offload == "cpu" else None
-        pin = device is not None and on_cuda
-        self.averages = {name: make_average(avg, initial, device, pin) for name, avg in cfg.averages.items()}
+        host = torch.device("cpu")
+        self.averages = {name: make_average(avg, initial, host if cfg.offload == "cpu" else None, store)
+                         for name, avg in cfg.averages.items()}
+        if store is None and any(isinstance(a, LAWA) for a in self.averages.values()):
+            raise ValueError("a LAWA keeps its samples in a snapshot store: give one")
+        # Sampled by the worker from the host copy: offloaded EMAs and every LAWA.
+        self.on_host = {name for name, a in self.averages.items() if isinstance(a, LAWA) or cfg.offload == "cpu"}
         padding = layout.padding(rank) if layout is not None else [None] * len(initial)
         self.padding = [None if pad is None else pad.to(p.device) for pad, p in zip(padding, initial)]
         guard = cfg.spike_guard
-        self.history = LossHistory(guard.factor, guard.history)  # finite losses of recent steps
+        self.history = LossHistory(guard.factor, guard.history)
         self.skip_left = dict.fromkeys(self.averages, 0)  # samples still to skip after a spike, per average
         self.skipped = dict.fromkeys(self.averages, 0)
         self.step = 0
-        # Offload: a host copy of the last accepted sample, which averages still have to take it, and its copy event.
-        self.staging = [buffer_like(p, device, pin) for p in initial] if device is not None else None
-        self.stream = torch.cuda.Stream(initial[0].device) if pin else None
-        self.pending: list[str] = []
-        self.copied = None
+        on_cuda = initial[0].is_cuda
+        self.staging = None
+        if self.on_host or store is not None:
+            self.staging = [buffer_like(p, host) for p in initial]
+            if on_cuda:
+                self.staging = [t.pin_memory() for t in self.staging]
+        self.stream = torch.cuda.Stream(initial[0].device) if on_cuda and self.staging else None
+        self.worker = ThreadPoolExecutor(1, thread_name_prefix="averaging") if self.staging else None
+        self.pending: list[Future] = []
 
     @property
     def names(self) -> list[str]:
@@ -51,16 +68,14 @@ class Averager:
 
     @property
     def nbytes(self) -> int:
-        """Bytes held by the averages' buffers (and the offload staging copy)."""
+        """Bytes held by the averages' buffers and the host copy."""
         tensors = [t for avg in self.averages.values() for ts in avg.buffers().values() for t in ts]
         return sum(t.numel() * t.element_size() for t in tensors + (self.staging or []))
 
     def update(self, step: int, loss: float, partitions: list[torch.Tensor]) -> list[str]:
-        """Sample the averages due at optimizer step `step` from this rank's partitions; returns events (skips).
-
-        `loss` must be the same on every rank (e.g. the mean over ranks) so that every rank makes the same choices.
-        """
-        self._settle()
+        """Sample the averages due at optimizer step `step` from this rank's partitions, and write a snapshot when
+        one is due; returns events (skips). `loss` must be the same on every rank (e.g. the mean over ranks)."""
+        self._wait()
         self.step = step
         events = []
         due = [name for name, avg in self.cfg.averages.items() if step % avg.every == 0]
@@ -87,29 +102,32 @@ class Averager:
                 self.skipped[name] += 1
             events.append(f"non-finite weights: not sampled into {', '.join(take)}")
             take = []
-        if take:
-            self._sample(take, [p.detach() for p in partitions])
+
+        partitions = [p.detach() for p in partitions]
+        for name in take:
+            if name not in self.on_host:
+                self.averages[name].sample(step, partitions)
+        on_host = [name for name in take if name in self.on_host]
+        scheduled = self.store is not None and self.store.scheduled(step)
+        if on_host or scheduled:
+            copied = self._copy_to_host(partitions)
+            self.pending.append(self.worker.submit(self._host_work, step, on_host, scheduled, copied))
         return events
 
     def weights(self, name: str) -> list[torch.Tensor]:
         """The averaged flat partitions of one average (read-only; on the host when offloaded)."""
-        self._settle()
+        self._wait()
         return self.averages[name].weights()
 
     def state_dict(self) -> dict:
         """`tensors`: every buffer by `<name>.<buffer>.<group>` (state.key); `meta`: hyperparameters and counters,
         plain JSON values."""
-        self._settle()
-        tensors = {state.key(name, buffer, g): t for name, avg in self.averages.items()
-                   for buffer, ts in avg.buffers().items() for g, t in enumerate(ts)}
-        averages = {name: {**hyperparameters(self.cfg.averages[name]), **avg.counters(),
-                           "skipped": self.skipped[name], "skip_left": self.skip_left[name]}
-                    for name, avg in self.averages.items()}
-        return {"tensors": tensors,
-                "meta": {"step": self.step, "losses": list(self.history.losses), "averages": averages}}
+        self._wait()
+        return self._state()
 
     def load_state_dict(self, saved: dict) -> None:
         """Restore exactly what `state_dict` returned; a different set of averages or shapes is a UserError."""
+        self._wait()
         meta, tensors = saved["meta"], saved["tensors"]
         was, ours = meta["averages"], {n: hyperparameters(c) for n, c in self.cfg.averages.items()}
         if set(was) != set(ours):
@@ -118,13 +136,12 @@ class Averager:
             before = {k: v for k, v in was[name].items() if k in HYPERPARAMETERS}
             if before != hyper:
                 raise UserError(f"average '{name}' was saved as {before}, but the recipe says {hyper}")
-        mine = self.state_dict()["tensors"]
+        mine = self._state()["tensors"]
         for k, t in mine.items():
             src = tensors.get(k)
             if src is None or src.shape != t.shape:
                 have = "missing" if src is None else f"of shape {list(src.shape)}"
                 raise UserError(f"{k} is {have}, this rank's partition needs {list(t.shape)}")
-        self.pending = []
         for k, t in mine.items():
             t.copy_(tensors[k])
         for name, avg in self.averages.items():
@@ -134,9 +151,22 @@ class Averager:
         guard = self.cfg.spike_guard
         self.history = LossHistory(guard.factor, guard.history, meta["losses"])
 
-    def save(self, directory: Path) -> None:
-        """Checkpoint component: this rank's state into the checkpoint directory being written."""
-        state.write(directory, self.rank, self.layout, self.state_dict())
+    def save(self, directory: Path) -> Future:
+        """Checkpoint component: this rank's state into the checkpoint directory being written. With a worker the
+        state is written by it, after the work already queued; the returned future says when it is done."""
+        if self.worker is None:
+            done = Future()
+            state.write(directory, self.rank, self.layout, self._state())
+            done.set_result(None)
+            return done
+
+        def write():
+            if self.store is not None:
+                self.store.pin(directory, self._window_steps())
+            state.write(directory, self.rank, self.layout, self._state())
+
+        self.pending.append(self.worker.submit(write))
+        return self.pending[-1]
 
     def load(self, directory: Path) -> None:
         """Checkpoint component: this rank's state from a checkpoint saved by any number of ranks."""
@@ -147,48 +177,77 @@ class Averager:
         except UserError as e:
             source = state.description_file(directory) if resharded else state.rank_file(directory, self.rank)
             raise UserError(f"{source}: {e}") from None
+        if self.store is not None:
+            self.store.remove_unfinished()
+            for step in sorted(self._window_steps()):
+                self.store.read_back(step)
+
+    def close(self) -> None:
+        """Finish the queued work (a checkpoint's state among it) and stop the worker."""
+        self._wait()
+        if self.worker is not None:
+            self.worker.shutdown()
+
+    def _state(self) -> dict:
+        tensors = {state.key(name, buffer, g): t for name, avg in self.averages.items()
+                   for buffer, ts in avg.buffers().items() for g, t in enumerate(ts)}
+        averages = {name: {**hyperparameters(self.cfg.averages[name]), **avg.counters(),
+                           "skipped": self.skipped[name], "skip_left": self.skip_left[name]}
+                    for name, avg in self.averages.items()}
+        return {"tensors": tensors,
+                "meta": {"step": self.step, "losses": list(self.history.losses), "averages": averages}}
+
+    def _window_steps(self) -> set[int]:
+        return {s for avg in self.averages.values() if isinstance(avg, LAWA) for s in avg.steps}
 
     def _all_finite(self, partitions: list[torch.Tensor]) -> bool:
-        """Padding ignored. A sum is one read pass and NaN or inf propagate through it, so a finite sum proves every
-        element finite; only when it is not (a real non-finite weight, or garbage in ZeRO-3's uninitialised
+        """Whether every rank's partitions are finite, padding ignored: one scalar sum over the ranks, so that all
+        make the same choice. A sum is one read pass and NaN or inf propagate through it, so a finite sum proves
+        every element finite; only when it is not (a real non-finite weight, or garbage in ZeRO-3's uninitialised
         padding) does the exact check with the padding masked run."""
-        if bool(torch.isfinite(torch.stack([p.sum() for p in partitions])).all()):
-            return True
-        flags = []
-        for p, pad in zip(partitions, self.padding):
-            finite = torch.isfinite(p)
-            if pad is not None:
-                finite.index_fill_(0, pad, True)
-            flags.append(finite.all())
-        return bool(torch.stack(flags).all())
+        finite = torch.isfinite(torch.stack([p.detach().sum() for p in partitions])).all()
+        if not bool(finite):
+            flags = []
+            for p, pad in zip(partitions, self.padding):
+                mask = torch.isfinite(p.detach())
+                if pad is not None:
+                    mask.index_fill_(0, pad, True)
+                flags.append(mask.all())
+            finite = torch.stack(flags).all()
+        return self.agree((~finite).float().reshape(1)).item() == 0
 
-    def _sample(self, names: list[str], partitions: list[torch.Tensor]) -> None:
-        if self.staging is None:
-            for name in names:
-                self.averages[name].sample(partitions)
-            return
+    def _copy_to_host(self, partitions: list[torch.Tensor]) -> torch.cuda.Event | None:
         if self.stream is None:
             torch._foreach_copy_(self.staging, partitions)
-        else:
-            # Copy on a side stream once the optimizer step has written the partitions; the training stream then
-            # orders its later work (the next optimizer step) after the copy, without the host ever waiting.
-            main = torch.cuda.current_stream(partitions[0].device)
-            self.stream.wait_stream(main)
-            with torch.cuda.stream(self.stream):
-                for dst, src in zip(self.staging, partitions):
-                    dst.copy_(src, non_blocking=True)
-                self.copied = torch.cuda.Event()
-                self.copied.record()
-            main.wait_event(self.copied)
-        self.pending = names
+            return None
+        # Copy on a side stream once the optimizer step has written the partitions; the training stream then
+        # orders its later work (the next optimizer step) after the copy, without the host ever waiting.
+        main = torch.cuda.current_stream(partitions[0].device)
+        self.stream.wait_stream(main)
+        with torch.cuda.stream(self.stream):
+            for dst, src in zip(self.staging, partitions):
+                dst.copy_(src, non_blocking=True)
+            copied = torch.cuda.Event()
+            copied.record()
+        main.wait_event(copied)
+        return copied
 
-    def _settle(self) -> None:
-        """Apply an offloaded sample whose copy was issued earlier."""
-        if not self.pending:
-            return
-        if self.copied is not None:
-            self.copied.synchronize()
-            self.copied = None
-        for name in self.pending:
-            self.averages[name].sample(self.staging)
-        self.pending = []
+    def _host_work(self, step: int, names: list[str], scheduled: bool, copied: torch.cuda.Event | None) -> None:
+        """The worker's part of an update: the host averages' samples, then the snapshot of this step."""
+        if copied is not None:
+            copied.synchronize()
+        sampled = False
+        for name in names:
+            self.averages[name].sample(step, self.staging)
+            sampled |= isinstance(self.averages[name], LAWA)
+        if sampled or scheduled:
+            # A LAWA reads its samples back exactly: always in fp32.
+            dtype = "fp32" if sampled else self.store.cfg.dtype
+            self.store.write(step, {"raw": (self.staging, dtype)}, scheduled)
+            self.store.prune(self._window_steps() | {step}, upto=step)
+
+    def _wait(self) -> None:
+        """Let the worker finish what it was given (its errors are raised here)."""
+        pending, self.pending = self.pending, []
+        for job in pending:
+            job.result()

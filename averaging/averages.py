@@ -5,24 +5,37 @@ update is purely local (no communication). Exact semantics, for optimizer steps 
 `every: k`, sampling the weights θ_t when t mod k == 0:
   EMA   θ_ema ← β·θ_ema + (1−β)·θ_t, starting from the initial weights θ_0.
   LAWA  the mean of the last `window` samples (of fewer until the window fills; θ_0 before the first sample).
+
+Each kind gives its state as `buffers()` (tensors, one per group, by buffer name) and `counters()` (plain JSON
+values); `weights()` of a kind rebuilt from slices of its buffers is the same slice of its average, since every
+buffer is elementwise: consolidation reads an average a tensor at a time that way.
 """
 
 from __future__ import annotations
+
+from collections import deque
+from typing import Protocol
 
 import torch
 
 from polyak.recipe import AverageConfig
 
 
+class SampleStore(Protocol):
+    """Where a LAWA's samples live (averaging/snapshots.py's SnapshotStore)."""
+
+    def accumulate(self, out: list[torch.Tensor], step: int, subtract: bool = False) -> None: ...
+
+
 class EMA:
     """Exponential moving average: one buffer per partition."""
 
-    def __init__(self, initial: list[torch.Tensor], beta: float, device: torch.device | None, pin: bool):
+    def __init__(self, initial: list[torch.Tensor], beta: float, device: torch.device | None = None):
         self.beta = beta
-        self.average = [buffer_like(p, device, pin).copy_(p) for p in initial]
+        self.average = [buffer_like(p, device).copy_(p) for p in initial]
         self.samples = 0
 
-    def sample(self, partitions: list[torch.Tensor]) -> None:
+    def sample(self, step: int, partitions: list[torch.Tensor]) -> None:
         # lerp: θ_ema + (1−β)(θ − θ_ema), one fused pass over every group.
         torch._foreach_lerp_(self.average, partitions, 1.0 - self.beta)
         self.samples += 1
@@ -31,7 +44,6 @@ class EMA:
         return self.average
 
     def buffers(self) -> dict[str, list[torch.Tensor]]:
-        """The state, by buffer name, one tensor per group."""
         return {"average": self.average}
 
     def counters(self) -> dict:
@@ -42,68 +54,66 @@ class EMA:
 
 
 class LAWA:
-    """Latest-weight average: a ring of the last `window` samples and their running sum.
+    """Latest-weight average: the running sum of the samples in the window, the samples themselves in the snapshot
+    store (each written once, by the Averager, at the step it was taken). Memory: the sum, whatever the window.
 
-    Each sample is O(1): subtract the evicted snapshot, add the new one. A running sum of adds and subtracts drifts
-    by a rounding error per operation, so whenever the ring wraps (every `window` samples) the sum is recomputed
-    exactly from the ring. That bounds the drift to `window` steps forever at an amortised cost of one more add per
-    sample and no extra memory, where a compensated (Kahan) sum would need a second buffer and 4 passes per update and
-    still accumulates error over an unbounded stream of adds and subtracts.
+    Each sample is O(1): subtract the evicted sample (read back from the store), add the new one. A running sum of
+    adds and subtracts drifts by a rounding error per operation, so whenever `window` more samples have been taken
+    the sum is recomputed exactly from the window, read back in step order. That bounds the drift to `window` samples
+    forever at an amortised cost of one more read per sample, where a compensated (Kahan) sum would need a second
+    buffer and still accumulate error over an unbounded stream of adds and subtracts.
     """
 
-    def __init__(self, initial: list[torch.Tensor], window: int, device: torch.device | None, pin: bool):
-        self.window = window
-        self.ring = [buffer_like(p, device, pin, rows=window).zero_() for p in initial]
-        for row, p in zip(self.slot(0), initial):
-            row.copy_(p)  # θ_0 stands in until the first sample overwrites slot 0
-        self.sum = [buffer_like(p, device, pin).zero_() for p in initial]
-        self.head = 0  # the slot the next sample goes to
-        self.count = 0  # samples in the ring
+    def __init__(self, initial: list[torch.Tensor], window: int, store: SampleStore | None = None):
+        self.window, self.store = window, store
+        self.sum = [buffer_like(p, torch.device("cpu")).copy_(p) for p in initial]  # θ_0 stands in until a sample
+        self.steps: deque[int] = deque()  # the steps of the samples in the window, oldest first
         self.samples = 0
 
-    def slot(self, i: int) -> list[torch.Tensor]:
-        return [r[i] for r in self.ring]
-
-    def sample(self, partitions: list[torch.Tensor]) -> None:
-        slot = self.slot(self.head)
-        if self.count == self.window:
-            torch._foreach_sub_(self.sum, slot)
-        torch._foreach_copy_(slot, partitions)
-        torch._foreach_add_(self.sum, slot)
-        self.head = (self.head + 1) % self.window
-        self.count = min(self.count + 1, self.window)
+    def sample(self, step: int, partitions: list[torch.Tensor]) -> None:
+        """Take θ_step; the store must hold every earlier sample in the window (this one it need not yet)."""
+        evicted = self.steps.popleft() if len(self.steps) == self.window else None
         self.samples += 1
-        if self.head == 0:
-            for s, r in zip(self.sum, self.ring):
-                torch.sum(r, dim=0, out=s)
+        if self.samples % self.window == 0 and self.steps:
+            torch._foreach_zero_(self.sum)
+            for earlier in self.steps:
+                self.store.accumulate(self.sum, earlier)
+            torch._foreach_add_(self.sum, partitions)
+        elif self.steps:
+            if evicted is not None:
+                self.store.accumulate(self.sum, evicted, subtract=True)
+            torch._foreach_add_(self.sum, partitions)
+        else:  # the first sample, or a window of one
+            torch._foreach_copy_(self.sum, partitions)
+        self.steps.append(step)
 
     def weights(self) -> list[torch.Tensor]:
-        if self.count == 0:
-            return self.slot(0)
-        return torch._foreach_div(self.sum, float(self.count))
+        if not self.steps:
+            return self.sum
+        return torch._foreach_div(self.sum, float(len(self.steps)))
 
     def buffers(self) -> dict[str, list[torch.Tensor]]:
-        return {"ring": self.ring, "sum": self.sum}
+        return {"sum": self.sum}
 
     def counters(self) -> dict:
-        return {"samples": self.samples, "head": self.head, "count": self.count}
+        return {"samples": self.samples, "steps": list(self.steps)}
 
     def load_counters(self, counters: dict) -> None:
-        self.samples, self.head, self.count = counters["samples"], counters["head"], counters["count"]
+        self.samples, self.steps = counters["samples"], deque(counters["steps"])
 
 
-def buffer_like(p: torch.Tensor, device: torch.device | None, pin: bool, rows: int | None = None) -> torch.Tensor:
-    """An fp32 buffer of p's size (`rows` of it), on `device` (None: beside p), page-locked when `pin`."""
-    shape = (p.numel(),) if rows is None else (rows, p.numel())
-    return torch.empty(shape, dtype=torch.float32, device=device or p.device, pin_memory=pin)
+def buffer_like(p: torch.Tensor, device: torch.device | None) -> torch.Tensor:
+    """An fp32 buffer of p's size on `device` (None: beside p)."""
+    return torch.empty(p.numel(), dtype=torch.float32, device=device or p.device)
 
 
 def make_average(cfg: AverageConfig, initial: list[torch.Tensor], device: torch.device | None = None,
-                 pin: bool = False) -> EMA | LAWA:
-    """An average starting from `initial`, with its buffers on `device` (None: beside each partition)."""
+                 store: SampleStore | None = None) -> EMA | LAWA:
+    """An average starting from `initial`: an EMA's buffer on `device` (None: beside each partition), a LAWA's sum
+    in host memory beside its samples' store."""
     if cfg.kind == "ema":
-        return EMA(initial, cfg.beta, device, pin)
-    return LAWA(initial, cfg.window, device, pin)
+        return EMA(initial, cfg.beta, device)
+    return LAWA(initial, cfg.window, store)
 
 
 HYPERPARAMETERS = ("kind", "every", "beta", "window")

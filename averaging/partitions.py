@@ -12,7 +12,7 @@ This module is the one place that knows this; consolidation, post-hoc averaging 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 
 import torch
@@ -33,17 +33,17 @@ class ParamSlice:
     start: int
     stop: int
 
-    def unpadded(self, pieces: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-        """Its pieces from every rank, in rank order, cut where the parameter ends: the flattened parameter in parts."""
-        parts, left = [], math.prod(self.shape)
+    def unpadded(self, pieces: Iterable[torch.Tensor]) -> Iterator[torch.Tensor]:
+        """Its pieces from every rank, in rank order, cut where the parameter ends: the flattened parameter in parts
+        (taken one at a time from `pieces`, which may be lazy)."""
+        left = math.prod(self.shape)
         for piece in pieces:
-            parts.append(piece[:left])
-            left -= parts[-1].numel()
-        return parts
+            yield piece[:left]
+            left -= min(left, piece.numel())
 
     def join(self, pieces: Sequence[torch.Tensor]) -> torch.Tensor:
         """The full parameter from its piece on every rank, in rank order, the last ranks' padding dropped."""
-        return torch.cat(self.unpadded(pieces)).view(self.shape)
+        return torch.cat(list(self.unpadded(pieces))).view(self.shape)
 
 
 @dataclass(frozen=True)

@@ -1,10 +1,13 @@
-"""Post-hoc averaging: average saved checkpoints offline, exploring windows without retraining.
+"""Post-hoc averaging: average saved weights offline, exploring windows without retraining.
 
     python -m averaging.posthoc runs/tiny_cpu/checkpoints --method lawa --window 5 --every 2 --out-tag lawa5
     python -m averaging.consolidate runs/tiny_cpu/checkpoints --tag lawa5 --weights lawa5 --out release/lawa5
-    python -m averaging.posthoc runs/tiny_cpu/checkpoints --method ema --beta 0.9 --release release/ema09
+    python -m averaging.posthoc runs/tiny_cpu/snapshots --method ema --beta 0.9 --release release/ema09
 
-Selection, in this order, from every checkpoint the trainer saved: --every K keeps every K-th counted back from the
+The weights come from the run's checkpoints (a checkpoints directory) or from its snapshot store (a snapshots
+directory: weights only, a third of a checkpoint's bytes, so they can be kept far more often; averaging/snapshots.py).
+Selection, in this order, from every checkpoint the trainer saved (or every complete snapshot holding the raw
+weights): --every K keeps every K-th counted back from the
 newest (which stays), --skip-spikes F drops those whose training loss exceeds F × the median of the preceding
 losses (the recipe's averaging.spike_guard.history of them, as the online guard), --last N keeps the newest N,
 --best K the K of lowest val loss. The methods, over the selected checkpoints θ_1..θ_n in step order:
@@ -31,6 +34,7 @@ from tqdm import tqdm
 
 from averaging.averages import make_average
 from averaging.release import DTYPES, Run, refuse_existing, write_release
+from averaging.snapshots import Snapshot, complete
 from averaging.spikes import LossHistory
 from averaging.state import SavedAverages, write_weights
 from averaging.weights import MasterWeights
@@ -44,11 +48,15 @@ METHODS = ("sma", "ema", "lawa")
 
 @dataclass
 class Saved:
-    """A checkpoint the trainer wrote (it has a trainer.json)."""
+    """Weights the trainer saved: a checkpoint (it has a trainer.json) or a snapshot."""
 
     directory: Path
     step: int
     val_loss: float | None
+    snapshot: bool = False
+
+    def open(self) -> MasterWeights | Snapshot:
+        return Snapshot(self.directory) if self.snapshot else MasterWeights(self.directory)
 
 
 def saved_checkpoints(ckpt_dir: Path) -> list[Saved]:
@@ -60,6 +68,11 @@ def saved_checkpoints(ckpt_dir: Path) -> list[Saved]:
         if not path.name.startswith(".") and path.is_dir() and (state := checkpoints.read_trainer_state(path)):
             saved.append(Saved(path, state["step"], state.get("val_loss")))
     return sorted(saved, key=lambda s: s.step)
+
+
+def saved_snapshots(root: Path) -> list[Saved]:
+    """The store's complete snapshots of the raw weights, by step."""
+    return [Saved(s.directory, s.step, None, snapshot=True) for s in complete(root) if "raw" in s.weights]
 
 
 def select(saved: list[Saved], metrics: dict[int, dict], every: int = 1, skip_spikes: float | None = None,
@@ -93,14 +106,14 @@ def spikes(metrics_by_step: dict[int, dict], factor: float, history: int) -> set
             if "loss" in r and guard.observe(float("nan") if r["loss"] is None else r["loss"])}
 
 
-def average(sources: list[MasterWeights], method: str, beta: float | None, rank: int) -> list[torch.Tensor]:
+def average(sources: list[MasterWeights | Snapshot], method: str, beta: float | None, rank: int) -> list[torch.Tensor]:
     """One rank's average: each checkpoint's fp32 flat partitions of the rank accumulated into one buffer per group."""
     first = sources[0].partitions(rank)
     if method == "ema":
         ema = make_average(AverageConfig(kind="ema", beta=beta), first)
         del first
         for source in sources[1:]:
-            ema.sample(source.partitions(rank))
+            ema.sample(0, source.partitions(rank))
         return ema.weights()
     total = [t.clone() for t in first]
     del first
@@ -110,43 +123,48 @@ def average(sources: list[MasterWeights], method: str, beta: float | None, rank:
     return total
 
 
-def posthoc(ckpt_dir: Path, method: str, *, every: int = 1, last: int | None = None, beta: float | None = None,
+def posthoc(source_dir: Path, method: str, *, every: int = 1, last: int | None = None, beta: float | None = None,
             window: int | None = None, skip_spikes: float | None = None, best: int | None = None,
             out_tag: str | None = None, release: Path | None = None, dtype: str = "fp32",
             max_shard_size: str = "5GB") -> Path:
-    """Average saved checkpoints into `ckpt_dir / out_tag` (averaging state) or the release folder `release`."""
+    """Average the checkpoints (or snapshots) in `source_dir` into the averaging state `<run>/checkpoints/out_tag`
+    or the release folder `release`."""
     _check_options(method, beta, window, every, last, best, skip_spikes)
     if (out_tag is None) == (release is None):
         raise ValueError("give exactly one of out_tag and release")
+    run = Run.of(source_dir)
+    ckpt_dir = run.dir / "checkpoints"
     target = release if release is not None else ckpt_dir / _check_tag(out_tag)
     refuse_existing(target)
-    run = Run.of(ckpt_dir)
-    saved = saved_checkpoints(ckpt_dir)
+    from_snapshots = source_dir.name == "snapshots"
+    saved = saved_snapshots(source_dir) if from_snapshots else saved_checkpoints(source_dir)
     logged = metrics.read(run.dir) if (run.dir / metrics.FILE).is_file() else {}
     chosen = select(saved, logged, every, skip_spikes, run.recipe.averaging.spike_guard.history,
                     last, best)
     if method == "lawa":
         chosen = chosen[-window:]
     if not chosen:
-        raise UserError(f"{ckpt_dir}: no checkpoint left to average ({len(saved)} saved)")
-    sources = _consistent([MasterWeights(s.directory) for s in chosen])
+        what = "complete snapshot" if from_snapshots else "checkpoint"
+        raise UserError(f"{source_dir}: no {what} left to average ({len(saved)} saved)")
+    sources = _consistent([s.open() for s in chosen])
     run.check(sources[0].layout, sources[0].directory)
 
     name = out_tag or method
     options = {"beta": beta} if method == "ema" else {"window": window} if method == "lawa" else {}
     info = {"posthoc": {"method": method, **options, "every": every, "skip_spikes": skip_spikes, "last": last,
-                        "best": best, "checkpoints": [s.directory.name for s in chosen],
+                        "best": best, "source": str(source_dir.resolve()),
+                        "averaged": [s.directory.name for s in chosen],
                         "steps": [s.step for s in chosen]}}
     target.parent.mkdir(parents=True, exist_ok=True)
     state_dir = temp_dir_beside(target)
     try:
         layout = sources[0].layout
-        for rank in tqdm(range(layout.world_size), desc=f"{method} of {len(chosen)} checkpoints", unit="rank",
+        for rank in tqdm(range(layout.world_size), desc=f"{method} of {len(chosen)} {source_dir.name}", unit="rank",
                          disable=None):
             write_weights(state_dir, rank, layout, name, average(sources, method, beta, rank), chosen[-1].step, info)
         if release is not None:
             write_release(SavedAverages(state_dir).average(name), run, release, dtype, max_shard_size,
-                          {"checkpoint": str(ckpt_dir.resolve()), "step": chosen[-1].step,
+                          {"checkpoint": str(source_dir.resolve()), "step": chosen[-1].step,
                            "weights": f"posthoc {method}", **info})
         else:
             refuse_existing(target)
@@ -179,7 +197,7 @@ def _check_tag(tag: str) -> str:
     return tag
 
 
-def _consistent(sources: list[MasterWeights]) -> list[MasterWeights]:
+def _consistent(sources: list[MasterWeights | Snapshot]) -> list[MasterWeights | Snapshot]:
     """Only checkpoints of one model and one partition layout (world size) average partition by partition."""
     first = sources[0]
     for other in sources[1:]:
@@ -192,7 +210,8 @@ def _consistent(sources: list[MasterWeights]) -> list[MasterWeights]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("checkpoints", type=Path, help="a run's checkpoints directory (<run.dir>/checkpoints)")
+    parser.add_argument("source", type=Path,
+                        help="a run's checkpoints (<run.dir>/checkpoints) or snapshots (<run.dir>/snapshots)")
     parser.add_argument("--method", required=True, choices=METHODS)
     parser.add_argument("--every", type=int, default=1, metavar="K", help="every K-th saved checkpoint")
     parser.add_argument("--last", type=int, metavar="N", help="the newest N")
@@ -210,11 +229,11 @@ def main() -> None:
     args = parser.parse_args()
     if args.release is None and (args.dtype or args.max_shard_size):
         raise UserError("--dtype and --max-shard-size go with --release")
-    target = posthoc(args.checkpoints, args.method, every=args.every, last=args.last, beta=args.beta,
+    target = posthoc(args.source, args.method, every=args.every, last=args.last, beta=args.beta,
                      window=args.window, skip_spikes=args.skip_spikes, best=args.best, out_tag=args.out_tag,
                      release=args.release, dtype=args.dtype or "fp32", max_shard_size=args.max_shard_size or "5GB")
     if args.out_tag:
-        print(f"wrote {target}; export it with: python -m averaging.consolidate {args.checkpoints} "
+        print(f"wrote {target}; export it with: python -m averaging.consolidate {target.parent} "
               f"--tag {args.out_tag} --weights {args.out_tag} --out DIR")
 
 

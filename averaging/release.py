@@ -11,7 +11,6 @@ folder copied to another machine can be released there.
 from __future__ import annotations
 
 import json
-import math
 import os
 import shutil
 from dataclasses import dataclass
@@ -22,7 +21,9 @@ from huggingface_hub import split_torch_state_dict_into_shards
 from torch.overrides import TorchFunctionMode
 from tqdm import tqdm
 
+from averaging import tensorfile
 from averaging.partitions import Layout, ParamSlice
+from averaging.snapshots import SnapshotWeights
 from averaging.state import SavedAverage
 from averaging.weights import MasterWeights
 from data.loader import load_meta
@@ -34,8 +35,9 @@ from polyak.files import temp_dir_beside
 from polyak.recipe import Recipe, load_recipe
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-_SAFETENSORS_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16"}
 PROVENANCE = "polyak.json"
+# What can be released: anything with a partition layout and a slice reader, `read(rank, group, start, stop)`.
+Weights = MasterWeights | SavedAverage | SnapshotWeights
 # Where the trainer copies the prepared data's tokenizer.json and meta.json inside a run directory.
 RUN_TOKENIZER = "tokenizer"
 
@@ -94,8 +96,7 @@ def refuse_existing(out: Path) -> None:
         raise UserError(f"{out}: already exists; a release is never overwritten, choose another folder")
 
 
-def write_release(weights: MasterWeights | SavedAverage, run: Run, out: Path, dtype: str, max_shard_size: str,
-                  info: dict) -> None:
+def write_release(weights: Weights, run: Run, out: Path, dtype: str, max_shard_size: str, info: dict) -> None:
     """A transformers folder at `out`: config, weights, generation config, tokenizer and polyak.json (`info`
     describes the weights). Written into a temporary directory beside `out`, renamed into place once complete."""
     refuse_existing(out)
@@ -132,30 +133,16 @@ def write_release(weights: MasterWeights | SavedAverage, run: Run, out: Path, dt
         raise
 
 
-def _write_shard(path: Path, weights: MasterWeights | SavedAverage, params: list[ParamSlice], dtype: torch.dtype,
-                 bar: tqdm) -> None:
-    """One safetensors file, streamed: the header first (every size is known), then each tensor's pieces from the
-    ranks, in rank order and cut where the parameter ends (ZeRO-3 pads the last ranks' pieces). safetensors' own
-    save_file wants the whole shard in memory; this holds a piece at a time. The rank files are mapped afresh for each
-    tensor, so that the pages read for one leave the process with it."""
-    itemsize = torch.empty(0, dtype=dtype).element_size()
-    header, offset = {"__metadata__": {"format": "pt"}}, 0
-    for p in params:
-        nbytes = math.prod(p.shape) * itemsize
-        header[p.name] = {"dtype": _SAFETENSORS_DTYPES[dtype], "shape": list(p.shape),
-                          "data_offsets": [offset, offset + nbytes]}
-        offset += nbytes
-    encoded = json.dumps(header).encode()
-    encoded += b" " * (-len(encoded) % 8)  # the tensors start 8-byte aligned
-    with open(path, "wb") as f:
-        f.write(len(encoded).to_bytes(8, "little") + encoded)
-        for p in params:
-            with weights.reader() as read:
-                pieces = [read(rank, p.group, p.start, p.stop) for rank in range(weights.layout.world_size)]
-                for part in p.unpadded(pieces):
-                    # safetensors is little-endian, as is every machine torch runs on
-                    f.write(part.to(dtype).contiguous().view(torch.uint8).numpy())
-                    bar.update(part.numel() * itemsize)
+def _write_shard(path: Path, weights: Weights, params: list[ParamSlice], dtype: torch.dtype, bar: tqdm) -> None:
+    """One safetensors file, streamed: each tensor's pieces from the ranks, in rank order and cut where the parameter
+    ends (ZeRO-3 pads the last ranks' pieces), one piece in memory at a time. The rank files are mapped afresh for
+    each tensor, so that the pages read for one leave the process with it."""
+    def pieces(p: ParamSlice):
+        with weights.reader() as read:
+            yield from p.unpadded(read(rank, p.group, p.start, p.stop) for rank in range(weights.layout.world_size))
+
+    tensorfile.write(path, [tensorfile.Entry(p.name, dtype, p.shape, lambda p=p: pieces(p)) for p in params],
+                     metadata={"format": "pt"}, progress=bar.update)
 
 
 def read_provenance(model_dir: Path) -> dict | None:

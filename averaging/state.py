@@ -1,10 +1,11 @@
 """Each rank's averaging state on disk, readable without a DeepSpeed engine.
 
 Inside a checkpoint directory, `averaging/` holds
-  rank00000.safetensors, ...  every rank's buffers, `<average>.<buffer>.<group>` (flat partitions; a LAWA ring has
-                              a row per sample), with that rank's counters as JSON metadata
+  rank00000.safetensors, ...  every rank's buffers, `<average>.<buffer>.<group>` (flat partitions: an EMA's
+                              average, a LAWA's running sum), with that rank's counters as JSON metadata
   averaging.json              written by rank 0: world size, partition layout (names and shapes per group),
-                              the averages' kinds, hyperparameters and counters.
+                              the averages' kinds, hyperparameters and counters (a LAWA's: the steps of the samples
+                              in its window, which the snapshot store holds).
 
 SavedAverages is the one reader: it checks a directory once (every rank's file present, with rank 0's counters and
 buffers of the saved layout's sizes), then gives a rank's state for any world size (resharded through
@@ -45,6 +46,15 @@ def description_file(directory: str | Path) -> Path:
     return Path(directory) / "averaging" / "averaging.json"
 
 
+def window_steps(directory: str | Path) -> set[int]:
+    """The snapshot steps the LAWAs saved in a checkpoint directory need to go on (none if it holds no averages)."""
+    try:
+        averages = json.loads(description_file(directory).read_text())["averages"]
+    except (OSError, ValueError, KeyError):
+        return set()
+    return {step for entry in averages.values() for step in entry.get("steps", ())}
+
+
 def write(directory: str | Path, rank: int, layout: Layout, saved: dict) -> None:
     """This rank's state (`Averager.state_dict()`) into `directory`; rank 0 also writes the description."""
     path = rank_file(directory, rank)
@@ -77,7 +87,11 @@ class SavedAverages:
         description = json.loads(path.read_text())
         self.layout = Layout.from_dict(description["layout"])
         self.meta = {k: v for k, v in description.items() if k not in ("world_size", "layout")}
-        self.shapes: dict[str, list[int]] = {}
+        for name, entry in self.meta["averages"].items():
+            if entry["kind"] == "lawa" and "steps" not in entry:
+                raise UserError(f"{path}: LAWA '{name}' was saved with its samples inside the checkpoint, by an "
+                                f"earlier version; this one keeps them in the snapshot store: resume or export "
+                                f"this checkpoint with the version that wrote it")
         for rank in range(self.layout.world_size):
             file = rank_file(directory, rank)
             if not file.is_file():
@@ -90,13 +104,11 @@ class SavedAverages:
                                     f"{meta['step']}) differ from rank 0's {self.meta['averages']} (step "
                                     f"{self.meta['step']}); these averages are not one consistent state")
                 shapes = {k: f.get_slice(k).get_shape() for k in f.keys()}  # noqa: SIM118 (no dict)
-            for k in sorted(shapes.keys() | self._expected_keys()):
+            for k in sorted(shapes.keys() | self.keys):
                 numel = self.layout.partition_numel(parse_key(k)[2])
-                shape = shapes.get(k)
-                if shape is None or shape[-1] != numel or shape != self.shapes.setdefault(k, shape):
-                    have = "missing" if shape is None else f"of shape {shape}"
-                    raise UserError(f"{file}: {k} is {have}; the saved layout gives each rank {numel} elements"
-                                    + (f" and rank 0 saved {self.shapes[k]}" if rank else ""))
+                if shapes.get(k) != [numel]:
+                    have = "missing" if k not in shapes else f"of shape {shapes[k]}"
+                    raise UserError(f"{file}: {k} is {have}; the saved layout gives each rank {numel} elements")
 
     @property
     def names(self) -> list[str]:
@@ -123,19 +135,20 @@ class SavedAverages:
         with ExitStack() as stack:
             files = [stack.enter_context(safe_open(str(rank_file(self.directory, r)), framework="pt"))
                      for r in range(self.layout.world_size)]
-            for k, shape in self.shapes.items():
+            for k in self.keys:
                 group = parse_key(k)[2]
-                rows = (slice(None),) * (len(shape) - 1)  # a LAWA ring has one row per sample
-                tensors[k] = torch.zeros(*shape[:-1], layout.partition_numel(group))
+                tensors[k] = torch.zeros(layout.partition_numel(group))
                 for piece in (p for p in plan if p.group == group):
-                    tensors[k][rows + (slice(piece.dest, piece.dest + piece.stop - piece.start),)] = \
-                        files[piece.rank].get_slice(k)[rows + (slice(piece.start, piece.stop),)]
+                    tensors[k][piece.dest:piece.dest + piece.stop - piece.start] = \
+                        files[piece.rank].get_slice(k)[piece.start:piece.stop]
         return {"tensors": tensors, "meta": self.meta}
 
     def average(self, name: str) -> SavedAverage:
         return SavedAverage(self, name)
 
-    def _expected_keys(self) -> set[str]:
+    @property
+    def keys(self) -> set[str]:
+        """Every buffer's name, as each rank's file holds it."""
         groups = range(len(self.layout.groups))
         return {key(name, buffer, g) for name in self.names
                 for buffer in make_average(self.config(name), [torch.zeros(0) for _ in groups]).buffers()
@@ -163,8 +176,7 @@ class SavedAverage:
             def read(rank: int, group: int, start: int, stop: int) -> torch.Tensor:
                 average = make_average(self.cfg, [torch.zeros(stop - start)])
                 for buffer, (t,) in average.buffers().items():
-                    t.copy_(files[rank].get_slice(key(self.name, buffer, group))[
-                        (slice(None),) * (t.ndim - 1) + (slice(start, stop),)])
+                    t.copy_(files[rank].get_slice(key(self.name, buffer, group))[start:stop])
                 average.load_counters(self.entry)
                 return average.weights()[0]
 

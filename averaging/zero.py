@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from contextlib import contextmanager
+from pathlib import Path
 
 import deepspeed.comm as dist
 import torch
@@ -10,7 +11,8 @@ from deepspeed.accelerator import get_accelerator
 
 from averaging.averager import Averager
 from averaging.partitions import Layout
-from polyak.recipe import AveragingConfig
+from averaging.snapshots import SnapshotStore
+from polyak.recipe import AveragingConfig, SnapshotConfig
 
 
 def master_partitions(engine) -> list[torch.Tensor]:
@@ -56,6 +58,16 @@ def swapped_in(engine, partitions: list[torch.Tensor]):
         optimizer.checkpoint_event_epilogue()
 
 
-def averager(cfg: AveragingConfig, engine) -> Averager:
-    """The engine's averager: every average over this rank's master partitions."""
-    return Averager(cfg, master_partitions(engine), layout(engine), rank(engine))
+def averager(cfg: AveragingConfig, engine, run_dir: Path, snapshots: SnapshotConfig = SnapshotConfig()) -> Averager:
+    """The engine's averager: every average over this rank's master partitions, and the run's snapshot store
+    (<run_dir>/snapshots) where a LAWA or `snapshots.every` needs it."""
+    partition_layout, me = layout(engine), rank(engine)
+    store = None
+    if snapshots.every or any(a.kind == "lawa" for a in cfg.averages.values()):
+        store = SnapshotStore(run_dir / "snapshots", snapshots, partition_layout, me, run_dir / "checkpoints")
+    return Averager(cfg, master_partitions(engine), partition_layout, me, store, agree=_sum_over_ranks)
+
+
+def _sum_over_ranks(flag: torch.Tensor) -> torch.Tensor:
+    dist.all_reduce(flag)
+    return flag

@@ -23,6 +23,7 @@ import functools
 import json
 import os
 import re
+import shutil
 import statistics
 import time
 from contextlib import contextmanager
@@ -182,9 +183,10 @@ class GatheredEMA:
             torch._foreach_lerp_(self.replica, [p.detach() for p in self.params], 1.0 - self.beta)
 
 
-def averager(kind: str, engine, window: int) -> Averager:
+def averager(kind: str, engine, window: int, run_dir: Path) -> Averager:
+    """One average with every: 1; a LAWA's samples go to <run_dir>/snapshots."""
     cfg = AverageConfig(kind=kind, beta=0.999, window=window, every=1)
-    return make_averager(AveragingConfig(averages={kind: cfg}), engine)
+    return make_averager(AveragingConfig(averages={kind: cfg}), engine, run_dir)
 
 
 def created(make):
@@ -277,8 +279,12 @@ def main() -> None:
     partitions = master_partitions(engine)
     numel = sum(p.numel() for p in partitions)
     scratch = [torch.zeros_like(p) for p in partitions]  # the bandwidth references write here, reading partitions
-    ema, ema_kept = created(lambda: averager("ema", engine, args.window))
-    lawa, lawa_kept = created(lambda: averager("lawa", engine, args.window))
+    run_dir = Path(recipe.run.dir) / "bench-averaging"
+    if rank == 0:
+        shutil.rmtree(run_dir, ignore_errors=True)
+    dist.barrier()
+    ema, ema_kept = created(lambda: averager("ema", engine, args.window, run_dir))
+    lawa, lawa_kept = created(lambda: averager("lawa", engine, args.window, run_dir))
     gathered, gathered_kept = created(lambda: GatheredEMA(engine.module, 0.999, world))
     gather_bytes = gathered.gather_bytes()
     count = iter(range(1, 2**62))
@@ -289,7 +295,7 @@ def main() -> None:
         "lerp_": lambda: torch._foreach_lerp_(scratch, partitions, 0.001),
         "aminmax": lambda: [torch.aminmax(p) for p in partitions],
         "finite_check": lambda: ema._all_finite(partitions),
-        "ema_lerp": lambda: ema.averages["ema"].sample(partitions),
+        "ema_lerp": lambda: ema.averages["ema"].sample(0, partitions),
         "ema_update": lambda: ema.update(next(count), loss, partitions),
         "lawa_update": lambda: lawa.update(next(count), loss, partitions),
         "gathered_ema": gathered.update,

@@ -2,8 +2,9 @@
 
 The layout on disk is polyak/checkpoints.py's. A save survives a SIGKILL of any rank at any moment: the files go into
 `.tmp-global_step<N>/`, every rank syncs and hashes its share of them, rank 0 writes the manifest, renames the
-directory into place and only then replaces `latest` (itself atomically). A resume verifies the manifest of the
-checkpoint it is about to load and falls back to the newest intact one.
+directory into place and only then replaces `latest` (itself atomically); all but writing the files happens in the
+background (Checkpointer). A resume verifies the manifest of the checkpoint it is about to load and falls back to
+the newest intact one.
 
 Components (the averager, say) put their own state into a checkpoint: `save(directory)` on every rank before the
 commit, `load(directory)` on every rank after DeepSpeed's state is loaded.
@@ -18,7 +19,9 @@ import json
 import os
 import shutil
 import sys
+import threading
 from collections.abc import Sequence
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Protocol
 
@@ -34,43 +37,79 @@ from polyak.recipe import CheckpointConfig
 
 
 class Component(Protocol):
-    def save(self, directory: Path) -> None: ...
+    def save(self, directory: Path) -> Future: ...  # the files are complete once the future is done
 
     def load(self, directory: Path) -> None: ...
 
 
-def save(engine, ckpt_dir: Path, step: int, trainer_state: dict, components: Sequence[Component] = ()) -> Path:
-    """Write the checkpoint of `step` on every rank, the components' state included."""
-    rank, world = dist.get_rank(), dist.get_world_size()
-    tag = tag_of(step)
-    tmp = ckpt_dir / (TMP_PREFIX + tag)
-    if rank == 0:
-        ckpt_dir.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)
-    dist.barrier()
-    engine.save_checkpoint(str(ckpt_dir), tag=tmp.name, save_latest=False)
-    (tmp / "rng").mkdir(exist_ok=True)
-    save_file(_rng_state(), str(tmp / "rng" / f"rank{rank:05d}.safetensors"))
-    for component in components:
-        component.save(tmp)
-    if rank == 0:
-        (tmp / TRAINER).write_text(json.dumps(trainer_state, indent=1))
-    dist.barrier()
+class Checkpointer:
+    """Saves the checkpoints of a run. The training thread writes the files (DeepSpeed's, the RNG states, what the
+    components write, trainer.json) and goes on; a thread on every rank then syncs and hashes its share, and rank 0
+    writes the manifest, renames the checkpoint into place, replaces `latest` and applies the retention rules. That
+    commit talks over a process group of its own (gloo), so it never meets the training's collectives; the next
+    save, and the end of training, wait for it. A checkpoint is only ever found complete or not at all: a process
+    killed before its commit leaves a `.tmp-` directory, which the next start removes.
 
-    # Each rank syncs and hashes its share (mostly the files it wrote itself: still in its page cache, and on a
-    # network filesystem the writer's fsync is the one that counts), so the manifest costs one share's time.
-    names = [sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file())] if rank == 0 else [None]
-    dist.broadcast_object_list(names, src=0)
-    shares = [None] * world
-    dist.all_gather_object(shares, {name: describe(tmp / name, sync=True)
-                                    for name in checkpoints.share(names[0], rank, world)})
-    if rank == 0:
-        checkpoints.write_manifest(tmp, {name: entry for share in shares for name, entry in share.items()})
-        for directory in [tmp, *(p for p in tmp.rglob("*") if p.is_dir())]:
-            fsync_dir(directory)
-        checkpoints.publish(tmp, ckpt_dir / tag)
-    dist.barrier()
-    return ckpt_dir / tag
+    Created on every rank at once (it creates a process group)."""
+
+    def __init__(self, ckpt_dir: Path, retention: CheckpointConfig, note=print):
+        self.ckpt_dir, self.retention, self.note = ckpt_dir, retention, note
+        self.group = dist.new_group(backend="gloo")
+        self.committing: threading.Thread | None = None
+        self.failure: BaseException | None = None
+
+    def save(self, engine, step: int, trainer_state: dict, components: Sequence[Component] = ()) -> Path:
+        """Write the checkpoint of `step`, the components' state included; it is committed in the background."""
+        self.wait()
+        rank = dist.get_rank()
+        tmp = self.ckpt_dir / (TMP_PREFIX + tag_of(step))
+        if rank == 0:
+            self.ckpt_dir.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(tmp, ignore_errors=True)
+        dist.barrier()
+        engine.save_checkpoint(str(self.ckpt_dir), tag=tmp.name, save_latest=False)
+        (tmp / "rng").mkdir(exist_ok=True)
+        save_file(_rng_state(), str(tmp / "rng" / f"rank{rank:05d}.safetensors"))
+        writing = [component.save(tmp) for component in components]
+        if rank == 0:
+            (tmp / TRAINER).write_text(json.dumps(trainer_state, indent=1))
+        # Daemon: a run stopped while a commit is under way leaves it unfinished, as a kill would.
+        self.committing = threading.Thread(target=self._commit, args=(tmp, writing), daemon=True,
+                                           name=f"commit {tmp.name}")
+        self.committing.start()
+        return self.ckpt_dir / tag_of(step)
+
+    def wait(self) -> None:
+        """Until the last checkpoint is committed (its failure, if any, is raised here)."""
+        if self.committing is not None:
+            self.committing.join()
+            self.committing = None
+        if self.failure is not None:
+            failure, self.failure = self.failure, None
+            raise failure
+
+    def _commit(self, tmp: Path, writing: list[Future]) -> None:
+        try:
+            rank, world = dist.get_rank(), dist.get_world_size()
+            for future in writing:
+                future.result()
+            dist.barrier(group=self.group)  # every rank's files are written
+            # Each rank syncs and hashes its share (mostly the files it wrote itself: still in its page cache, and
+            # on a network filesystem the writer's fsync is the one that counts).
+            names = [sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file())] if rank == 0 else [None]
+            dist.broadcast_object_list(names, src=0, group=self.group)
+            shares = [None] * world
+            dist.all_gather_object(shares, {name: describe(tmp / name, sync=True)
+                                            for name in checkpoints.share(names[0], rank, world)}, group=self.group)
+            if rank == 0:
+                checkpoints.write_manifest(tmp, {name: entry for share in shares for name, entry in share.items()})
+                for directory in [tmp, *(p for p in tmp.rglob("*") if p.is_dir())]:
+                    fsync_dir(directory)
+                checkpoints.publish(tmp, self.ckpt_dir / tmp.name.removeprefix(TMP_PREFIX))
+                for removed in prune(self.ckpt_dir, self.retention):
+                    self.note(f"removed checkpoint {tag_of(removed)} (retention)")
+        except BaseException as e:  # noqa: BLE001 - handed to the training thread at its next wait()
+            self.failure = e
 
 
 def load(engine, ckpt_dir: Path, step: int, components: Sequence[Component] = ()) -> dict:

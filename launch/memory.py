@@ -25,13 +25,17 @@ class Estimate:
         return f"{self.per_device / GiB:.1f} GiB per device, {self.per_node / GiB:.1f} GiB host memory per node"
 
 
-def averaging_bytes(recipe: Recipe, params: int, world: int) -> int:
-    """Each rank's averaging buffers: 1/N of the model in fp32 per EMA, window + 1 copies per LAWA (ring and sum),
-    one more for the host staging copy when offloaded."""
-    copies = sum(1 if a.kind == "ema" else a.window + 1 for a in recipe.averaging.averages.values())
-    if copies and recipe.averaging.offload == "cpu":
-        copies += 1
-    return copies * 4 * -(-params // world)
+def averaging_bytes(recipe: Recipe, params: int, world: int) -> tuple[int, int]:
+    """Each rank's averaging buffers, (beside the partitions, in host memory): 1/N of the model in fp32 per EMA
+    (in host memory when offloaded) and per LAWA (its running sum, in host memory: its samples are on disk), and one
+    host copy of the partitions that feeds whatever is in host memory and the snapshots."""
+    averages = recipe.averaging.averages.values()
+    beside = sum(a.kind == "ema" and recipe.averaging.offload == "none" for a in averages)
+    host = len(averages) - beside
+    if host or recipe.snapshots.every:
+        host += 1
+    copy = 4 * -(-params // world)
+    return beside * copy, host * copy
 
 
 def estimate(recipe: Recipe, args: LlamaArgs, world: int, ranks_per_node: int, on_gpu: bool) -> Estimate:
@@ -41,11 +45,9 @@ def estimate(recipe: Recipe, args: LlamaArgs, world: int, ranks_per_node: int, o
     host, device, _ = estimate_zero3_model_states_mem_needs(
         params, largest_layer, num_gpus_per_node=ranks_per_node, num_nodes=max(1, world // ranks_per_node),
         cpu_offload=offload, cpu_offload_params=False, zero_init=True)
-    averages = averaging_bytes(recipe, params, world)
-    if recipe.averaging.offload == "cpu" or not on_gpu:
-        host += averages * ranks_per_node
-    else:
-        device += averages
+    beside, in_host = averaging_bytes(recipe, params, world)
+    device += beside
+    host += in_host * ranks_per_node
     if not on_gpu:  # a CPU rank's "device" memory is host memory too
         host += device * ranks_per_node
     return Estimate(per_device=device, per_node=host)

@@ -69,7 +69,8 @@ def train(recipe: Recipe, stop_after: int | None = None) -> None:
     reshard = latest is not None and zero_world_size(ckpt_dir / checkpoints.tag_of(latest)) != world
     engine, schedule, args = build(recipe, meta["vocab_size"], world, device, load_universal=reshard)
     on_rank0(lambda: _claim_run_dir(recipe, run_dir, ckpt_dir))  # after the input checks: bad input writes nothing
-    averager = zero.averager(recipe.averaging, engine) if recipe.averaging.averages else None
+    averager = (zero.averager(recipe.averaging, engine, run_dir, recipe.snapshots)
+                if recipe.averaging.averages or recipe.snapshots.every else None)
     components = [averager] if averager else []
     seq_len, t = recipe.data.seq_len, recipe.train
     batches = TrainBatches(TokenWindows(recipe.data.dir, "train", seq_len), rank, world, t.micro_batch, t.seed)
@@ -85,13 +86,14 @@ def train(recipe: Recipe, stop_after: int | None = None) -> None:
         batches.load_state_dict(state["sampler"])
         start, bad_steps = state["step"], state["bad_steps"]
     log = MetricsLog(recipe, run_dir, start, enabled=rank == 0)
+    checkpointer = checkpoint.Checkpointer(ckpt_dir, recipe.checkpoint, note=log.note)
     if latest is not None:
         log.note(f"resumed from {ckpt_dir / checkpoints.tag_of(latest)}")
     if reshard:
         for line in source.notes():
             log.note(line)
         if stop_after == start:  # resharding was all that was asked: saved again as this world size's checkpoint
-            checkpoint.save(engine, ckpt_dir, start, state, components)
+            checkpointer.save(engine, start, state, components)
 
     tokens_per_step = t.micro_batch * t.grad_accum * world * seq_len
     flops = flops_per_token(args, seq_len) * tokens_per_step
@@ -107,6 +109,7 @@ def train(recipe: Recipe, stop_after: int | None = None) -> None:
             schedule.step()  # a skipped step still counts, so the LR stays aligned with the step number
             log.note(f"step {step}: non-finite loss or gradients, update skipped ({bad_steps} in a row)")
             if bad_steps >= t.max_bad_steps:
+                checkpointer.wait()
                 raise UserError(f"{bad_steps} non-finite losses or gradients in a row at step {step} "
                                 f"(train.max_bad_steps={t.max_bad_steps}); the last good checkpoint: "
                                 f"{checkpoints.describe_latest(ckpt_dir)}")
@@ -129,14 +132,14 @@ def train(recipe: Recipe, stop_after: int | None = None) -> None:
         if (_due(step, recipe.checkpoint.every, t.steps) or step == last) and not bad_steps:
             trainer_state = {"step": step, "sampler": batches.state_dict(), "bad_steps": bad_steps,
                              "val_loss": record.get("val_loss")}
-            checkpoint.save(engine, ckpt_dir, step, trainer_state, components)
-            if rank == 0:
-                for removed in checkpoint.prune(ckpt_dir, recipe.checkpoint):
-                    log.note(f"removed checkpoint {checkpoints.tag_of(removed)} (retention)")
+            checkpointer.save(engine, step, trainer_state, components)
 
         if step % recipe.log.every == 0 or "val_loss" in record:
             log.log(record)
         log.progress(step, loss, record["tokens_per_s"])
+    checkpointer.wait()
+    if averager:
+        averager.close()
     log.close()
     dist.barrier()
 

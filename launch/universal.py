@@ -5,7 +5,8 @@ checkpoint once with DeepSpeed's ds_to_universal (every parameter's fp32 weights
 into `<checkpoints>/universal/global_step<N>/`, beside the checkpoint, which stays as it was; an engine built with
 `checkpoint: {load_universal: true}` then cuts each parameter for its own rank. A conversion is reused by later
 launches while its checkpoint is unchanged, and removed by the first launch that no longer needs it. The averaging
-state is resharded by its reader (averaging/state.py); trainer state, sampler and RNG come from the checkpoint as always.
+state is resharded by its reader (averaging/state.py); trainer state, sampler and RNG come from the checkpoint as
+always.
 """
 
 from __future__ import annotations

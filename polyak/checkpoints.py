@@ -65,7 +65,8 @@ def find(ckpt_dir: Path, tag: str | None) -> Path:
     if tag is None:
         step = latest_step(ckpt_dir)
         if step is None:
-            raise UserError(f"{ckpt_dir / LATEST}: not found; name a checkpoint with --tag (saved: {_listing(ckpt_dir)})")
+            raise UserError(f"{ckpt_dir / LATEST}: not found; name a checkpoint with --tag "
+                            f"(saved: {_listing(ckpt_dir)})")
         tag = tag_of(step)
     directory = ckpt_dir / tag
     if not tag or not directory.is_dir():

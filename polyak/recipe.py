@@ -129,6 +129,17 @@ class AveragingConfig:
 
 
 @dataclass
+class SnapshotConfig:
+    """Weights-only copies of every rank's partitions in <run.dir>/snapshots/ (averaging/snapshots.py). A LAWA keeps
+    its samples there whatever this says; `every` adds scheduled snapshots, for post-hoc averaging."""
+
+    every: int = 0  # a scheduled snapshot every `every` optimizer steps; 0: none
+    dtype: str = "fp32"  # fp32 | bf16: of the scheduled snapshots (a LAWA's samples are always fp32)
+    keep_last: int = 0  # scheduled snapshots kept: the newest n; 0 keeps all
+    keep_every: int = 0  # also keep every k-th step's
+
+
+@dataclass
 class Recipe:
     run: RunConfig = field(default_factory=RunConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -139,6 +150,7 @@ class Recipe:
     eval: EvalConfig = field(default_factory=EvalConfig)
     log: LogConfig = field(default_factory=LogConfig)
     averaging: AveragingConfig = field(default_factory=AveragingConfig)
+    snapshots: SnapshotConfig = field(default_factory=SnapshotConfig)
 
 
 def load_recipe(path: str | os.PathLike, overrides: list[str] = ()) -> Recipe:
@@ -247,6 +259,11 @@ def validate(r: Recipe, origin: dict) -> None:
         check(0 <= avg.beta < 1, f"averaging.{name}.beta", avg.beta, "must be in [0, 1)")
         check(avg.window >= 1, f"averaging.{name}.window", avg.window, "must be at least 1")
         check(avg.every >= 1, f"averaging.{name}.every", avg.every, "must be at least 1")
+
+    s = r.snapshots
+    check(s.dtype in ("fp32", "bf16"), "snapshots.dtype", s.dtype, "must be fp32 or bf16")
+    for key in ("every", "keep_last", "keep_every"):
+        check(getattr(s, key) >= 0, f"snapshots.{key}", getattr(s, key), "must be non-negative (0 disables)")
 
     m = r.model
     if m.size is None:

@@ -20,9 +20,10 @@ def data_dir(tmp_path_factory) -> Path:
 
 
 def _trained(tmp_path_factory, data_dir, ranks: int) -> Path:
-    """An uninterrupted run of `ranks` ranks with EMA and LAWA and a checkpoint every step (for offline oracles)."""
+    """An uninterrupted run of `ranks` ranks with EMA and LAWA, a checkpoint every step (for offline oracles) and a
+    scheduled snapshot every 4."""
     run_dir = tmp_path_factory.mktemp(f"run{ranks}")
-    pretrain(ranks, [f"data.dir={data_dir}", f"run.dir={run_dir}", "checkpoint.every=1"])
+    pretrain(ranks, [f"data.dir={data_dir}", f"run.dir={run_dir}", "checkpoint.every=1", "snapshots.every=4"])
     return run_dir
 
 

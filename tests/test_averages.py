@@ -1,20 +1,35 @@
-"""EMA, LAWA, the Averager's guard and state, and the ZeRO-3 partition math, on plain tensors."""
+"""EMA, LAWA, the Averager's guard and state, the snapshot store, and the ZeRO-3 partition math, on plain tensors
+(one rank, the store in a temporary directory)."""
 
 from __future__ import annotations
 
 import math
+import shutil
 from collections import deque
+from pathlib import Path
 
 import pytest
 import torch
 
 from averaging.averager import Averager
-from averaging.averages import LAWA
 from averaging.partitions import Layout, chunk_size
+from averaging.snapshots import SnapshotStore
 from polyak.errors import UserError
-from polyak.recipe import AverageConfig, AveragingConfig, SpikeGuardConfig
+from polyak.recipe import AverageConfig, AveragingConfig, SnapshotConfig, SpikeGuardConfig
 
 SIZES = (37, 11)  # two param groups' flat partitions
+
+
+def one_rank(sizes=SIZES) -> Layout:
+    return Layout([[(f"p{g}", (n,))] for g, n in enumerate(sizes)], world_size=1)
+
+
+def make(cfg: AveragingConfig, directory: Path, initial=None, layout=None, rank=0,
+             snapshots=SnapshotConfig()) -> Averager:
+    """An Averager of one rank whose snapshot store is `directory`."""
+    layout = layout or one_rank()
+    store = SnapshotStore(directory, snapshots, layout, rank)
+    return Averager(cfg, initial if initial is not None else weights_at(0), layout, rank, store)
 
 
 def weights_at(step: int) -> list[torch.Tensor]:
@@ -64,9 +79,9 @@ def run(averager: Averager, steps, losses=None) -> list[str]:
 
 
 @pytest.mark.parametrize("offload", ["none", "cpu"])
-def test_ema_and_lawa_follow_the_definition_every_step(offload):
+def test_ema_and_lawa_follow_the_definition_every_step(offload, tmp_path):
     cfg = config(offload, ema=ema(0.9, every=3), lawa=lawa(4, every=2), fast=ema(0.5))
-    averager = Averager(cfg, weights_at(0))
+    averager = make(cfg, tmp_path)
     assert averager.names == ["ema", "lawa", "fast"]
     assert_relative(averager.weights("lawa"), oracle("lawa", []))  # no sample yet: the initial weights
     for step in range(1, 21):
@@ -77,9 +92,9 @@ def test_ema_and_lawa_follow_the_definition_every_step(offload):
         assert_relative(averager.weights("lawa"), oracle("lawa", list(range(2, step + 1, 2)), window=4))
 
 
-def test_lawa_running_sum_stays_exact_over_a_long_run():
-    window, samples = 10, 10_000
-    lawa = LAWA([torch.zeros(n) for n in SIZES], window, device=None, pin=False)
+def test_lawa_running_sum_stays_exact_over_a_long_run(tmp_path):
+    window, samples = 10, 2_000
+    averager = make(config(lawa=lawa(window)), tmp_path, initial=[torch.zeros(n) for n in SIZES])
     ring = deque(maxlen=window)
     g = torch.Generator().manual_seed(0)
     level = [torch.randn(n, generator=g) for n in SIZES]
@@ -87,18 +102,30 @@ def test_lawa_running_sum_stays_exact_over_a_long_run():
         # Weights that wander (a random walk) around a large offset: each add and subtract rounds.
         level = [x + 0.01 * torch.randn(x.shape, generator=g) for x in level]
         sample = [100.0 + x for x in level]
-        lawa.sample(sample)
+        averager.update(i, 3.0, sample)
         ring.append([s.double() for s in sample])
-        if i % 997 == 0 or i == samples or i < window:
+        if i % 197 == 0 or i == samples or i < window:
             want = [torch.stack([r[k] for r in ring]).mean(0) for k in range(len(SIZES))]
-            assert_relative(lawa.weights(), want)
-    assert lawa.samples == samples and lawa.count == window
+            assert_relative(averager.weights("lawa"), want)
+    lawa_state = averager.state_dict()["meta"]["averages"]["lawa"]
+    assert lawa_state["samples"] == samples and lawa_state["steps"] == list(range(samples - window + 1, samples + 1))
+    # The store holds the window, and at most the two samples evicted last (kept while other ranks may read them).
+    stored = sorted(int(p.name.removeprefix("step")) for p in tmp_path.iterdir())
+    assert stored == list(range(samples - window - 1, samples + 1))
 
 
-def test_spike_guard_skips_the_spike_and_the_next_samples():
+def test_lawa_memory_does_not_grow_with_its_window(tmp_path):
+    small, large = (make(config(lawa=lawa(w)), tmp_path / str(w)) for w in (2, 20))
+    for step in range(1, 31):
+        small.update(step, 3.0, weights_at(step))
+        large.update(step, 3.0, weights_at(step))
+    assert small.nbytes == large.nbytes == 4 * sum(SIZES) * 2  # the running sum and the host copy
+
+
+def test_spike_guard_skips_the_spike_and_the_next_samples(tmp_path):
     guard = SpikeGuardConfig(enabled=True, factor=2.0, history=3, skip=2)
     cfg = config(guard=guard, ema=ema(0.7), lawa=lawa(3, every=2))
-    averager = Averager(cfg, weights_at(0))
+    averager = make(cfg, tmp_path)
     events = run(averager, range(1, 13), losses={4: 6.5, 11: 5.9})
     # Step 4: 6.5 > 2 × median(3, 3, 3). The EMA skips 4, then 5 and 6; LAWA (due at even steps) 4, then 6 and 8.
     # Step 11: 5.9 is below 2 × median 3 (the spike left the history of three): sampled.
@@ -113,7 +140,7 @@ def test_spike_guard_skips_the_spike_and_the_next_samples():
 
 
 def test_spike_guard_off_samples_spikes():
-    averager = Averager(config(ema=ema(0.7)), weights_at(0))
+    averager = Averager(config(ema=ema(0.7)), weights_at(0))  # an EMA alone needs no store
     assert run(averager, range(1, 7), losses={4: 100.0}) == []
     assert_relative(averager.weights("ema"), oracle("ema", [1, 2, 3, 4, 5, 6], beta=0.7))
 
@@ -131,13 +158,13 @@ def test_non_finite_loss_is_never_sampled(enabled):
 
 
 @pytest.mark.parametrize("offload", ["none", "cpu"])
-def test_non_finite_weights_never_enter_an_average(offload):
+def test_non_finite_weights_never_enter_an_average(offload, tmp_path):
     # Three ranks' cut of two parameters: the last rank holds 35 elements of "a" and 2 of padding, 11 of "b".
     layout = Layout([[("a", (109,))], [("b", (33,))]], world_size=3)
     padding = layout.padding(2)
     assert [p.tolist() for p in padding] == [[35, 36], []]
     cfg = config(offload, ema=ema(0.7), lawa=lawa(2))
-    averager = Averager(cfg, weights_at(0), layout, rank=2)
+    averager = make(cfg, tmp_path, layout=layout, rank=2)
     events = []
     for step in range(1, 6):
         w = weights_at(step)
@@ -153,49 +180,49 @@ def test_non_finite_weights_never_enter_an_average(offload):
         assert torch.isfinite(got[1]).all()
 
 
-def test_offload_matches_buffers_beside_the_partitions_bitwise():
+def test_offload_matches_buffers_beside_the_partitions_bitwise(tmp_path):
     guard = SpikeGuardConfig(enabled=True, factor=2.0, history=4, skip=1)
     averages = {"ema": ema(0.9), "lawa": lawa(3, every=2)}
-    beside, offloaded = (Averager(config(offload, guard, **averages), weights_at(0)) for offload in ("none", "cpu"))
+    beside, offloaded = (make(config(offload, guard, **averages), tmp_path / offload) for offload in ("none", "cpu"))
     losses = {5: 9.0}
     assert run(beside, range(1, 12), losses) == run(offloaded, range(1, 12), losses)
     for name in averages:
         assert all(torch.equal(a, b) for a, b in zip(beside.weights(name), offloaded.weights(name)))
-    numel = sum(SIZES)
-    assert beside.nbytes == 4 * numel * (1 + 3 + 1)
-    assert offloaded.nbytes == beside.nbytes + 4 * numel  # the staging copy
+    # The EMA (beside the partitions, or in host memory), the LAWA's sum and the host copy that feeds it.
+    assert beside.nbytes == offloaded.nbytes == 4 * sum(SIZES) * 3
 
 
-def test_state_dict_round_trip_is_exact_and_resumes_identically():
+def test_state_dict_round_trip_is_exact_and_resumes_identically(tmp_path):
     guard = SpikeGuardConfig(enabled=True, factor=2.0, history=4, skip=2)
     cfg = config(guard=guard, ema=ema(0.9), lawa=lawa(4, every=2))
-    averager = Averager(cfg, weights_at(0))
-    run(averager, range(1, 10), losses={8: 50.0})  # mid-skip, LAWA window not yet full
+    averager = make(cfg, tmp_path / "a")
+    run(averager, range(1, 12), losses={8: 50.0})  # mid-skip, LAWA window full
     state = averager.state_dict()
-    restored = Averager(cfg, weights_at(99))
+    shutil.copytree(tmp_path / "a", tmp_path / "b")  # the samples in the window, as a resumed run finds them
+    restored = make(cfg, tmp_path / "b", initial=weights_at(99))
     restored.load_state_dict(state)
     again = restored.state_dict()
     assert again["meta"] == state["meta"]
     assert again["tensors"].keys() == state["tensors"].keys()
     assert all(torch.equal(again["tensors"][k], t) for k, t in state["tensors"].items())
     # Both go on alike: counters, the guard's history and the pending skips came back too.
-    losses = {12: 40.0}
-    assert run(averager, range(10, 16), losses) == run(restored, range(10, 16), losses)
+    losses = {14: 40.0}
+    assert run(averager, range(12, 20), losses) == run(restored, range(12, 20), losses)
     for name in averager.names:
         assert all(torch.equal(a, b) for a, b in zip(averager.weights(name), restored.weights(name)))
 
 
-def test_load_state_dict_mismatches_are_user_errors():
+def test_load_state_dict_mismatches_are_user_errors(tmp_path):
     cfg = config(ema=ema(0.9), lawa=lawa(4))
-    state = Averager(cfg, weights_at(0)).state_dict()
+    state = make(cfg, tmp_path).state_dict()
     with pytest.raises(UserError, match=r"averages \['ema', 'lawa'\] saved, but the recipe configures \['ema'\]"):
         Averager(config(ema=ema(0.9)), weights_at(0)).load_state_dict(state)
     other = config(ema=ema(0.99), lawa=lawa(4))
     with pytest.raises(UserError, match=r"average 'ema' was saved as .*'beta': 0.9.*the recipe says .*'beta': 0.99"):
-        Averager(other, weights_at(0)).load_state_dict(state)
+        make(other, tmp_path).load_state_dict(state)
     smaller = [t[:-1] for t in weights_at(0)]
     with pytest.raises(UserError, match=r"ema.average.0 is of shape \[37\], this rank's partition needs \[36\]"):
-        Averager(cfg, smaller).load_state_dict(state)
+        make(cfg, tmp_path, initial=smaller, layout=one_rank([n - 1 for n in SIZES])).load_state_dict(state)
 
 
 SHAPES = [(), (1,), (5,), (7, 3), (2, 3, 4), (1, 1), (13,), (4, 6)]

@@ -104,8 +104,10 @@ def _engine(world: int):
 
 def _save_two(rank: int, world: int, ckpt_dir: str) -> None:
     engine = _engine(world)
+    checkpointer = checkpoint.Checkpointer(Path(ckpt_dir), CheckpointConfig())
     for step in (1, 2):
-        checkpoint.save(engine, Path(ckpt_dir), step, {"step": step, "rank_that_wrote_this": rank})
+        checkpointer.save(engine, step, {"step": step, "rank_that_wrote_this": rank})
+    checkpointer.wait()
 
 
 def _resume(rank: int, world: int, ckpt_dir: str) -> dict:
@@ -114,7 +116,7 @@ def _resume(rank: int, world: int, ckpt_dir: str) -> dict:
 
     class RefusedOnRank1:
         def save(self, directory: Path) -> None:
-            pass
+            raise AssertionError("only loaded here")
 
         def load(self, directory: Path) -> None:
             if rank == 1:

@@ -10,11 +10,20 @@ from model.sizes import resolve
 from polyak.recipe import load_recipe
 
 
-def test_averaging_buffers_are_one_nth_of_the_model_per_copy():
+def test_averaging_buffers_are_one_nth_of_the_model_per_copy_whatever_the_window():
     recipe = load_recipe(ROOT / "recipes/tiny_cpu.yaml")  # ema + lawa (window 10)
-    assert averaging_bytes(recipe, params=1001, world=2) == (1 + 11) * 4 * 501
+    # The EMA beside the partitions; in host memory the LAWA's sum and the copy that feeds it.
+    assert averaging_bytes(recipe, params=1001, world=2) == (1 * 4 * 501, 2 * 4 * 501)
+    recipe.averaging.averages["lawa"].window = 1000
+    assert averaging_bytes(recipe, params=1001, world=2) == (1 * 4 * 501, 2 * 4 * 501)
     recipe.averaging.offload = "cpu"
-    assert averaging_bytes(recipe, params=1001, world=2) == (1 + 11 + 1) * 4 * 501
+    assert averaging_bytes(recipe, params=1001, world=2) == (0, 3 * 4 * 501)
+    del recipe.averaging.averages["lawa"]
+    assert averaging_bytes(recipe, params=1001, world=2) == (0, 2 * 4 * 501)
+    recipe.averaging.offload = "none"
+    assert averaging_bytes(recipe, params=1001, world=2) == (4 * 501, 0)
+    recipe.snapshots.every = 100
+    assert averaging_bytes(recipe, params=1001, world=2) == (4 * 501, 4 * 501)
 
 
 def test_estimate_adds_the_averages_to_deepspeeds_zero3_estimate():
@@ -25,7 +34,7 @@ def test_estimate_adds_the_averages_to_deepspeeds_zero3_estimate():
                                                             num_nodes=2, cpu_offload=False, zero_init=True)
     need = estimate(recipe, args, world=16, ranks_per_node=8, on_gpu=True)
     assert need.per_device == device  # the averages are offloaded to CPU in this recipe
-    assert need.per_node == host + 8 * averaging_bytes(recipe, params, 16)
+    assert need.per_node == host + 8 * averaging_bytes(recipe, params, 16)[1]
 
 
 @pytest.mark.slow

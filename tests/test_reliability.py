@@ -21,9 +21,11 @@ from polyak import checkpoints
 
 
 def copy_run(source: Path, run_dir: Path, steps=None) -> None:
-    """A run directory holding `source`'s recipe and checkpoints (those of `steps` only, if given)."""
+    """A run directory holding `source`'s recipe, snapshots (its LAWA's samples among them) and checkpoints (those
+    of `steps` only, if given)."""
     (run_dir / "checkpoints").mkdir(parents=True)
     shutil.copy(source / "recipe.yaml", run_dir / "recipe.yaml")
+    shutil.copytree(source / "snapshots", run_dir / "snapshots")
     for step in steps or checkpoints.saved_steps(source / "checkpoints"):
         shutil.copytree(source / "checkpoints" / f"global_step{step}", run_dir / "checkpoints" / f"global_step{step}")
     last = max(steps) if steps else checkpoints.latest_step(source / "checkpoints")

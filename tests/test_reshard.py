@@ -14,13 +14,14 @@ from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoin
 
 from averaging.averager import Averager
 from averaging.partitions import Layout, reshard_plan
-from averaging.state import description_file, rank_file
+from averaging.snapshots import SnapshotStore
+from averaging.state import description_file, rank_file, window_steps
 from averaging.weights import zero_world_size
 from bench.harness import full_average, pretrain, read_metrics
 from launch import universal
 from polyak.checkpoints import problems, tag_of
 from polyak.errors import UserError
-from polyak.recipe import AverageConfig, AveragingConfig, SpikeGuardConfig
+from polyak.recipe import AverageConfig, AveragingConfig, SnapshotConfig, SpikeGuardConfig
 
 # Two param groups; sizes that 2..6 mostly do not divide, and parameters smaller than the world size, so that whole
 # chunks are padding on the last ranks.
@@ -34,7 +35,7 @@ def full_weights(seed: int) -> dict[str, torch.Tensor]:
 
 
 def averaging_config() -> AveragingConfig:
-    # The spike guard with a skip makes every counter non-trivial: samples, skipped, skip_left, the ring's head.
+    # The spike guard with a skip makes every counter non-trivial: samples, skipped, skip_left, the window's steps.
     return AveragingConfig(spike_guard=SpikeGuardConfig(enabled=True, factor=1.5, history=4, skip=2),
                            averages={"ema": AverageConfig(kind="ema", beta=0.8),
                                      "lawa": AverageConfig(kind="lawa", window=3, every=2)})
@@ -43,18 +44,19 @@ def averaging_config() -> AveragingConfig:
 LOSSES = [5.0, 4.8, 4.7, 9.0, 4.6, 4.5, 4.4, 4.3, 4.2]  # a spike at step 4: samples skipped at 4 and 5 (6 for LAWA)
 
 
-def started(world: int, seed: int, cfg: AveragingConfig | None = None, groups=GROUPS) -> list[Averager]:
-    """Every rank's Averager of `world` ranks, started from the full weights of `seed`."""
+def started(world: int, seed: int, store: Path, cfg: AveragingConfig | None = None, groups=GROUPS) -> list[Averager]:
+    """Every rank's Averager of `world` ranks, started from the full weights of `seed`, LAWA samples in `store`."""
     layout = Layout(groups, world)
     g = torch.Generator().manual_seed(seed)
     full = {name: torch.randn(shape, generator=g) for group in groups for name, shape in group}
-    return [Averager(cfg or averaging_config(), layout.cut(full, r), layout, r) for r in range(world)]
+    return [Averager(cfg or averaging_config(), layout.cut(full, r), layout, r,
+                     SnapshotStore(store, SnapshotConfig(), layout, r)) for r in range(world)]
 
 
-def averaged_on(world: int, steps: int) -> list[Averager]:
+def averaged_on(world: int, steps: int, store: Path) -> list[Averager]:
     """Every rank's Averager of `world` ranks after `steps` steps of the same full weights."""
     layout = Layout(GROUPS, world)
-    averagers = started(world, seed=0)
+    averagers = started(world, seed=0, store=store)
     for step in range(1, steps + 1):
         for r, averager in enumerate(averagers):
             averager.update(step, LOSSES[step - 1], layout.cut(full_weights(step), r))
@@ -63,12 +65,13 @@ def averaged_on(world: int, steps: int) -> list[Averager]:
 
 def save_all(averagers: list[Averager], directory: Path) -> None:
     for averager in averagers:
-        averager.save(directory)
+        averager.save(directory).result()
 
 
-def resharded(directory: Path, world: int) -> list[Averager]:
-    """Fresh Averagers of `world` ranks (started from other weights) that load the state saved in `directory`."""
-    averagers = started(world, seed=99)
+def resharded(directory: Path, world: int, store: Path) -> list[Averager]:
+    """Fresh Averagers of `world` ranks (started from other weights) that load the state saved in `directory`, their
+    LAWA samples in `store`."""
+    averagers = started(world, seed=99, store=store)
     for averager in averagers:
         averager.load(directory)
     return averagers
@@ -107,9 +110,11 @@ def test_the_plan_reads_one_slice_per_rank_when_nothing_changes():
 
 @pytest.mark.parametrize(("saved", "world"), [(1, 3), (2, 3), (3, 2), (4, 1), (2, 5), (6, 4), (3, 3)])
 def test_averages_resharded_are_the_saved_ones_bitwise(saved, world, tmp_path):
-    """EMA, LAWA ring and sum, every counter: the full averages, and the state after more steps, as if never cut."""
-    save_all(averaged_on(saved, steps=7), tmp_path / "saved")
-    save_all(resharded(tmp_path / "saved", world), tmp_path / "resharded")
+    """EMA, LAWA's sum, every counter: the full averages, and the state after more steps (LAWA reading back samples
+    written on the other number of ranks), as if never cut."""
+    save_all(averaged_on(saved, steps=7, store=tmp_path / "store"), tmp_path / "saved")
+    shutil.copytree(tmp_path / "store", tmp_path / "store_cut")  # as a resumed run finds it
+    save_all(resharded(tmp_path / "saved", world, tmp_path / "store_cut"), tmp_path / "resharded")
     assert description(tmp_path / "resharded") == description(tmp_path / "saved")
     counters = description(tmp_path / "saved")["averages"]
     assert (counters["ema"]["skipped"], counters["lawa"]["skipped"], counters["lawa"]["skip_left"]) == (3, 2, 1)
@@ -118,7 +123,8 @@ def test_averages_resharded_are_the_saved_ones_bitwise(saved, world, tmp_path):
         assert all(torch.equal(a[k], b[k]) for k in a)
 
     # Two more steps on each: the same averages as the run that kept its world size.
-    go_on, cut = averaged_on(saved, steps=9), resharded(tmp_path / "saved", world)
+    go_on = averaged_on(saved, steps=9, store=tmp_path / "store_go_on")
+    cut = resharded(tmp_path / "saved", world, tmp_path / "store_cut")
     layout = Layout(GROUPS, world)
     for step in (8, 9):
         for r, averager in enumerate(cut):
@@ -132,27 +138,31 @@ def test_averages_resharded_are_the_saved_ones_bitwise(saved, world, tmp_path):
 
 
 def test_ranks_with_other_counters_are_refused(tmp_path):
-    averagers = averaged_on(2, steps=3)
+    averagers = averaged_on(2, steps=3, store=tmp_path / "store")
     averagers[1].update(4, 4.6, Layout(GROUPS, 2).cut(full_weights(4), 1))  # one rank a step ahead
     save_all(averagers, tmp_path)
     with pytest.raises(UserError, match=r"rank00001\.safetensors: rank 1's averaging counters .* differ from rank 0's "
                                         r".*; these averages are not one consistent state"):
-        resharded(tmp_path, 3)
+        resharded(tmp_path, 3, tmp_path / "store")
 
 
 def test_bad_saved_states_are_named(tmp_path):
-    save_all(averaged_on(2, steps=3), tmp_path)
+    store = tmp_path / "store"
+    save_all(averaged_on(2, steps=3, store=store), tmp_path)
     other = [[("embed", (7, 4)), *GROUPS[0][1:]], GROUPS[1]]
     with pytest.raises(UserError, match="the saved partition layout differs from this model's: group 0 parameter 0"):
-        started(3, 0, groups=other)[0].load(tmp_path)
+        started(3, 0, store, groups=other)[0].load(tmp_path)
     wider = AveragingConfig(averages={"ema": AverageConfig(kind="ema", beta=0.8),
                                       "lawa": AverageConfig(kind="lawa", window=5, every=2)})
     with pytest.raises(UserError, match=r"average 'lawa' was saved as .*'window': 3.*, but the recipe says "
                                         r".*'window': 5"):
-        started(3, 0, wider)[0].load(tmp_path)
+        started(3, 0, store, wider)[0].load(tmp_path)
+    (store / "step2" / "rank00001.safetensors").unlink()  # a sample in the window, lost
+    with pytest.raises(UserError, match=r"step2/rank00001\.safetensors: missing; a LAWA sample is lost"):
+        resharded(tmp_path, 3, store)
     rank_file(tmp_path, 1).unlink()
     with pytest.raises(UserError, match=r"rank00001\.safetensors: not found; the averaging state of rank 1"):
-        resharded(tmp_path, 3)
+        resharded(tmp_path, 3, store)
 
 
 # Real runs: the session's 12-step runs on 2 and 3 ranks (a checkpoint every step) resumed from step 6 elsewhere.
@@ -165,9 +175,12 @@ LOSS_RTOL = 5e-4
 
 
 def resumable_copy(run: Path, to: Path) -> Path:
-    """A new run directory holding only `run`'s checkpoint of STEP (the session's run stays as it is)."""
+    """A new run directory holding only `run`'s checkpoint of STEP and the snapshots its LAWA needs (the session's
+    run stays as it is)."""
     tag = tag_of(STEP)
     shutil.copytree(run / "checkpoints" / tag, to / "checkpoints" / tag)
+    for step in window_steps(run / "checkpoints" / tag):
+        shutil.copytree(run / "snapshots" / f"step{step}", to / "snapshots" / f"step{step}")
     (to / "checkpoints" / "latest").write_text(tag)
     return to
 
