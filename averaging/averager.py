@@ -43,8 +43,10 @@ class Averager:
                          for name, avg in cfg.averages.items()}
         if store is None and any(isinstance(a, LAWA) for a in self.averages.values()):
             raise ValueError("a LAWA keeps its samples in a snapshot store: give one")
-        # Sampled by the worker from the host copy: offloaded EMAs and every LAWA.
-        self.on_host = {name for name, a in self.averages.items() if isinstance(a, LAWA) or cfg.offload == "cpu"}
+        # Sampled by the worker from the host copy: offloaded EMAs, every LAWA, and what snapshots hold.
+        held = set(store.cfg.weights) if store is not None else set()
+        self.on_host = {name for name, a in self.averages.items()
+                        if isinstance(a, LAWA) or cfg.offload == "cpu" or name in held}
         padding = layout.padding(rank) if layout is not None else [None] * len(initial)
         self.padding = [None if pad is None else pad.to(p.device) for pad, p in zip(padding, initial)]
         guard = cfg.spike_guard
@@ -241,10 +243,21 @@ class Averager:
             self.averages[name].sample(step, self.staging)
             sampled |= isinstance(self.averages[name], LAWA)
         if sampled or scheduled:
-            # A LAWA reads its samples back exactly: always in fp32.
-            dtype = "fp32" if sampled else self.store.cfg.dtype
-            self.store.write(step, {"raw": (self.staging, dtype)}, scheduled)
+            self.store.write(step, *self._snapshot(sampled, scheduled))
             self.store.prune(self._window_steps() | {step}, upto=step)
+
+    def _snapshot(self, lawa_sample: bool, scheduled: bool) -> tuple[dict, bool, dict]:
+        """What the snapshot of this step holds: the raw weights where a LAWA took them (in fp32: it reads them back
+        exactly) or the recipe asks for them, and the averages the recipe names in a scheduled one."""
+        cfg, weights = self.store.cfg, {}
+        if lawa_sample or (scheduled and "raw" in cfg.weights):
+            weights["raw"] = (self.staging, "fp32" if lawa_sample else cfg.dtype)
+        held = [name for name in cfg.weights if name != "raw"] if scheduled else []
+        for name in held:
+            weights[name] = (self.averages[name].weights(), cfg.dtype)
+        averages = {name: {**hyperparameters(self.cfg.averages[name]), **self.averages[name].counters()}
+                    for name in held}
+        return weights, scheduled, averages
 
     def _wait(self) -> None:
         """Let the worker finish what it was given (its errors are raised here)."""

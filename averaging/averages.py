@@ -3,8 +3,12 @@
 Nothing here knows about DeepSpeed: the partitions are plain tensors, and each rank averages only its own, so an
 update is purely local (no communication). Exact semantics, for optimizer steps t = 1, 2, ... and an average with
 `every: k`, sampling the weights θ_t when t mod k == 0:
-  EMA   θ_ema ← β·θ_ema + (1−β)·θ_t, starting from the initial weights θ_0.
-  LAWA  the mean of the last `window` samples (of fewer until the window fills; θ_0 before the first sample).
+  EMA    θ_ema ← β·θ_ema + (1−β)·θ_t, starting from the initial weights θ_0.
+  LAWA   the mean of the last `window` samples (of fewer until the window fills; θ_0 before the first sample).
+  power  EDM2's power-function EMA (Karras et al., 2024): after n samples, sample k weighs
+         (k^(γ+1) − (k−1)^(γ+1)) / n^(γ+1), a discrete k^γ profile; online, θ ← β_n·θ + (1−β_n)·θ_n with
+         β_n = (1 − 1/n)^(γ+1). γ comes from σ_rel, the profile's standard deviation relative to its length: a power
+         average of any σ_rel can be rebuilt after training from snapshots of two (averaging/power.py).
 
 Each kind gives its state as `buffers()` (tensors, one per group, by buffer name) and `counters()` (plain JSON
 values); `weights()` of a kind rebuilt from slices of its buffers is the same slice of its average, since every
@@ -16,6 +20,7 @@ from __future__ import annotations
 from collections import deque
 from typing import Protocol
 
+import numpy as np
 import torch
 
 from polyak.recipe import AverageConfig
@@ -51,6 +56,52 @@ class EMA:
 
     def load_counters(self, counters: dict) -> None:
         self.samples = counters["samples"]
+
+
+class PowerEMA:
+    """EDM2's power-function EMA: one buffer per partition, the sample count."""
+
+    def __init__(self, initial: list[torch.Tensor], sigma_rel: float, device: torch.device | None = None):
+        self.gamma = gamma_of(sigma_rel)
+        self.average = [buffer_like(p, device).copy_(p) for p in initial]  # θ_0 stands in until a sample
+        self.samples = 0
+
+    def sample(self, step: int, partitions: list[torch.Tensor]) -> None:
+        self.samples += 1
+        if self.samples == 1:  # β_1 = 0: the first sample is the average
+            torch._foreach_copy_(self.average, partitions)
+        else:
+            beta = (1.0 - 1.0 / self.samples) ** (self.gamma + 1.0)
+            torch._foreach_lerp_(self.average, partitions, 1.0 - beta)
+
+    def weights(self) -> list[torch.Tensor]:
+        return self.average
+
+    def buffers(self) -> dict[str, list[torch.Tensor]]:
+        return {"average": self.average}
+
+    def counters(self) -> dict:
+        return {"samples": self.samples}
+
+    def load_counters(self, counters: dict) -> None:
+        self.samples = counters["samples"]
+
+
+def gamma_of(sigma_rel: float) -> float:
+    """The exponent γ of the power profile whose relative standard deviation is σ_rel: the largest real root of
+    σ_rel^-2 = (γ+2)²(γ+3)/(γ+1), i.e. γ³ + 7γ² + (16 − σ_rel^-2)γ + (12 − σ_rel^-2) = 0 (EDM2, appendix C)."""
+    t = sigma_rel ** -2
+    return float(max(r.real for r in np.roots([1.0, 7.0, 16.0 - t, 12.0 - t]) if abs(r.imag) < 1e-9))
+
+
+def sigma_rel_of(gamma: float) -> float:
+    return ((gamma + 1) / (gamma + 2) ** 2 / (gamma + 3)) ** 0.5
+
+
+def power_weights(gamma: float, n: int) -> np.ndarray:
+    """The weight of samples 1..n in a power average after n samples (they sum to 1), in float64."""
+    k = np.arange(n + 1, dtype=np.float64)
+    return np.diff((k / n) ** (gamma + 1))
 
 
 class LAWA:
@@ -107,19 +158,24 @@ def buffer_like(p: torch.Tensor, device: torch.device | None) -> torch.Tensor:
     return torch.empty(p.numel(), dtype=torch.float32, device=device or p.device)
 
 
+Average = EMA | PowerEMA | LAWA
+
+
 def make_average(cfg: AverageConfig, initial: list[torch.Tensor], device: torch.device | None = None,
-                 store: SampleStore | None = None) -> EMA | LAWA:
+                 store: SampleStore | None = None) -> Average:
     """An average starting from `initial`: an EMA's buffer on `device` (None: beside each partition), a LAWA's sum
     in host memory beside its samples' store."""
     if cfg.kind == "ema":
         return EMA(initial, cfg.beta, device)
+    if cfg.kind == "power":
+        return PowerEMA(initial, cfg.sigma_rel, device)
     return LAWA(initial, cfg.window, store)
 
 
-HYPERPARAMETERS = ("kind", "every", "beta", "window")
+HYPERPARAMETERS = ("kind", "every", "beta", "window", "sigma_rel")
+_SPECIFIC = {"ema": "beta", "lawa": "window", "power": "sigma_rel"}
 
 
 def hyperparameters(cfg: AverageConfig) -> dict:
     """The keys of HYPERPARAMETERS that matter for this kind of average."""
-    specific = {"beta": cfg.beta} if cfg.kind == "ema" else {"window": cfg.window}
-    return {"kind": cfg.kind, "every": cfg.every, **specific}
+    return {"kind": cfg.kind, "every": cfg.every, _SPECIFIC[cfg.kind]: getattr(cfg, _SPECIFIC[cfg.kind])}

@@ -25,6 +25,7 @@ def consolidate(ckpt_dir: Path, tag: str | None, weights: str, out: Path, dtype:
     """Export one checkpoint's raw weights or average `weights` (or what snapshot `snapshot` holds) as a
     transformers folder `out`."""
     refuse_existing(out)
+    directory = checkpoints.find(ckpt_dir, tag) if snapshot is None else None
     run = Run.of(ckpt_dir)
     if snapshot is not None:
         directory = run.dir / "snapshots" / f"step{snapshot}"
@@ -34,7 +35,6 @@ def consolidate(ckpt_dir: Path, tag: str | None, weights: str, out: Path, dtype:
         source = SnapshotWeights(Snapshot(directory).check(), weights)
         step = snapshot
     else:
-        directory = checkpoints.find(ckpt_dir, tag)
         source = open_weights(directory, weights)
         trainer = checkpoints.read_trainer_state(directory)
         step = trainer["step"] if trainer else source.step

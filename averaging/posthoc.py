@@ -1,20 +1,23 @@
-"""Post-hoc averaging: average saved weights offline, exploring windows without retraining.
+"""Post-hoc averaging: average saved weights offline, exploring windows and widths without retraining.
 
     python -m averaging.posthoc runs/tiny_cpu/checkpoints --method lawa --window 5 --every 2 --out-tag lawa5
     python -m averaging.consolidate runs/tiny_cpu/checkpoints --tag lawa5 --weights lawa5 --out release/lawa5
     python -m averaging.posthoc runs/tiny_cpu/snapshots --method ema --beta 0.9 --release release/ema09
+    python -m averaging.posthoc runs/tiny_cpu/checkpoints --method power --sigma-rel 0.08 --release release/p08
 
 The weights come from the run's checkpoints (a checkpoints directory) or from its snapshot store (a snapshots
 directory: weights only, a third of a checkpoint's bytes, so they can be kept far more often; averaging/snapshots.py).
-Selection, in this order, from every checkpoint the trainer saved (or every complete snapshot holding the raw
-weights): --every K keeps every K-th counted back from the
-newest (which stays), --skip-spikes F drops those whose training loss exceeds F × the median of the preceding
-losses (the recipe's averaging.spike_guard.history of them, as the online guard), --last N keeps the newest N,
---best K the K of lowest val loss. The methods, over the selected checkpoints θ_1..θ_n in step order:
-  sma   their mean
-  lawa  the mean of the last W (LAWA's window, Kaddour 2022)
-  ema   θ ← β·θ + (1−β)·θ_s for s = 2..n, from θ_1 (the online EMA, averaging/averages.py, replayed)
-It runs rank by rank, partition by partition: a rank's fp32 flat partitions from each checkpoint (memory-mapped)
+Selection, in this order, from every checkpoint the trainer saved (or every complete snapshot of the raw weights):
+--every K keeps every K-th counted back from the newest (which stays), --skip-spikes F drops those whose training
+loss exceeds F × the median of the preceding losses (the recipe's averaging.spike_guard.history of them, as the
+online guard), --last N keeps the newest N, --best K the K of lowest val loss. The methods, over the selected
+θ_1..θ_n in step order:
+  sma    their mean
+  lawa   the mean of the last W (LAWA's window, Kaddour 2022)
+  ema    θ ← β·θ + (1−β)·θ_s for s = 2..n, from θ_1 (the online EMA, averaging/averages.py, replayed)
+  power  not a selection: a power EMA of width σ_rel at step --at, rebuilt from every snapshot of the power averages
+         tracked online (EDM2's post-hoc EMA, averaging/power.py); the fit's residual is printed and recorded
+It runs rank by rank, partition by partition: a rank's fp32 flat partitions from each source (memory-mapped)
 accumulate into one buffer per param group, so nothing the size of the model is ever allocated. The result is saved
 in the averaging state format, as an average inside a checkpoint-like directory of the run (--out-tag), or goes
 straight to a release folder (--release).
@@ -32,6 +35,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from averaging import power
 from averaging.averages import make_average
 from averaging.release import DTYPES, Run, refuse_existing, write_release
 from averaging.snapshots import Snapshot, complete
@@ -41,9 +45,9 @@ from averaging.weights import MasterWeights
 from polyak import checkpoints, metrics
 from polyak.errors import UserError, cli
 from polyak.files import temp_dir_beside
-from polyak.recipe import AverageConfig
+from polyak.recipe import MAX_SIGMA_REL, AverageConfig
 
-METHODS = ("sma", "ema", "lawa")
+METHODS = ("sma", "ema", "lawa", "power")
 
 
 @dataclass
@@ -125,47 +129,32 @@ def average(sources: list[MasterWeights | Snapshot], method: str, beta: float | 
 
 def posthoc(source_dir: Path, method: str, *, every: int = 1, last: int | None = None, beta: float | None = None,
             window: int | None = None, skip_spikes: float | None = None, best: int | None = None,
-            out_tag: str | None = None, release: Path | None = None, dtype: str = "fp32",
-            max_shard_size: str = "5GB") -> Path:
+            sigma_rel: float | None = None, at: int | None = None, out_tag: str | None = None,
+            release: Path | None = None, dtype: str = "fp32", max_shard_size: str = "5GB") -> Path:
     """Average the checkpoints (or snapshots) in `source_dir` into the averaging state `<run>/checkpoints/out_tag`
-    or the release folder `release`."""
-    _check_options(method, beta, window, every, last, best, skip_spikes)
+    or the release folder `release`; or, with method `power`, rebuild a power EMA from the run's snapshots."""
+    _check_options(method, beta, window, every, last, best, skip_spikes, sigma_rel, at)
     if (out_tag is None) == (release is None):
         raise ValueError("give exactly one of out_tag and release")
     run = Run.of(source_dir)
-    ckpt_dir = run.dir / "checkpoints"
-    target = release if release is not None else ckpt_dir / _check_tag(out_tag)
+    target = release if release is not None else run.dir / "checkpoints" / _check_tag(out_tag)
     refuse_existing(target)
-    from_snapshots = source_dir.name == "snapshots"
-    saved = saved_snapshots(source_dir) if from_snapshots else saved_checkpoints(source_dir)
-    logged = metrics.read(run.dir) if (run.dir / metrics.FILE).is_file() else {}
-    chosen = select(saved, logged, every, skip_spikes, run.recipe.averaging.spike_guard.history,
-                    last, best)
-    if method == "lawa":
-        chosen = chosen[-window:]
-    if not chosen:
-        what = "complete snapshot" if from_snapshots else "checkpoint"
-        raise UserError(f"{source_dir}: no {what} left to average ({len(saved)} saved)")
-    sources = _consistent([s.open() for s in chosen])
-    run.check(sources[0].layout, sources[0].directory)
-
+    if method == "power":
+        step, layout, rank_average, info = _power(run, sigma_rel, at)
+    else:
+        step, layout, rank_average, info = _selected(run, source_dir, method, every, last, beta, window,
+                                                     skip_spikes, best)
     name = out_tag or method
-    options = {"beta": beta} if method == "ema" else {"window": window} if method == "lawa" else {}
-    info = {"posthoc": {"method": method, **options, "every": every, "skip_spikes": skip_spikes, "last": last,
-                        "best": best, "source": str(source_dir.resolve()),
-                        "averaged": [s.directory.name for s in chosen],
-                        "steps": [s.step for s in chosen]}}
+    info = {"posthoc": {"method": method, **info, "source": str(source_dir.resolve())}}
     target.parent.mkdir(parents=True, exist_ok=True)
     state_dir = temp_dir_beside(target)
     try:
-        layout = sources[0].layout
-        for rank in tqdm(range(layout.world_size), desc=f"{method} of {len(chosen)} {source_dir.name}", unit="rank",
-                         disable=None):
-            write_weights(state_dir, rank, layout, name, average(sources, method, beta, rank), chosen[-1].step, info)
+        for rank in tqdm(range(layout.world_size), desc=f"{method} average", unit="rank", disable=None):
+            write_weights(state_dir, rank, layout, name, rank_average(rank), step, info)
         if release is not None:
             write_release(SavedAverages(state_dir).average(name), run, release, dtype, max_shard_size,
-                          {"checkpoint": str(source_dir.resolve()), "step": chosen[-1].step,
-                           "weights": f"posthoc {method}", **info})
+                          {"checkpoint": str(source_dir.resolve()), "step": step, "weights": f"posthoc {method}",
+                           **info})
         else:
             refuse_existing(target)
             os.rename(state_dir, target)
@@ -174,9 +163,59 @@ def posthoc(source_dir: Path, method: str, *, every: int = 1, last: int | None =
     return target
 
 
-def _check_options(method, beta, window, every, last, best, skip_spikes) -> None:
+def _selected(run: Run, source_dir: Path, method: str, every: int, last: int | None, beta: float | None,
+              window: int | None, skip_spikes: float | None, best: int | None):
+    """SMA, EMA or LAWA over the selected checkpoints or snapshots: the last step, the layout, one rank's average,
+    and what to record of it."""
+    from_snapshots = source_dir.name == "snapshots"
+    saved = saved_snapshots(source_dir) if from_snapshots else saved_checkpoints(source_dir)
+    logged = metrics.read(run.dir) if (run.dir / metrics.FILE).is_file() else {}
+    chosen = select(saved, logged, every, skip_spikes, run.recipe.averaging.spike_guard.history, last, best)
+    if method == "lawa":
+        chosen = chosen[-window:]
+    if not chosen:
+        what = "complete snapshot" if from_snapshots else "checkpoint"
+        raise UserError(f"{source_dir}: no {what} left to average ({len(saved)} saved)")
+    sources = _consistent([s.open() for s in chosen])
+    run.check(sources[0].layout, sources[0].directory)
+    options = {"beta": beta} if method == "ema" else {"window": window} if method == "lawa" else {}
+    info = {**options, "every": every, "skip_spikes": skip_spikes, "last": last, "best": best,
+            "averaged": [s.directory.name for s in chosen], "steps": [s.step for s in chosen]}
+    return chosen[-1].step, sources[0].layout, lambda rank: average(sources, method, beta, rank), info
+
+
+def _power(run: Run, sigma_rel: float, at: int | None):
+    """The power EMA of `sigma_rel` at step `at` (default: the newest snapshot's), rebuilt from the tracked ones."""
+    snapshots = [s for s in complete(run.dir / "snapshots") if s.averages]
+    if not snapshots:
+        raise UserError(f"{run.dir / 'snapshots'}: no complete snapshot holds an average")
+    at = at if at is not None else max(s.step for s in snapshots)
+    profiles, every = power.tracked(snapshots, at)
+    if at % every:
+        raise UserError(f"--at {at}: the tracked averages sample every {every} steps; choose a multiple")
+    _consistent([p.snapshot for p in profiles])
+    run.check(profiles[0].snapshot.layout, profiles[0].snapshot.directory)
+    coefficients, residual = power.solve(profiles, sigma_rel, at // every)
+    print(f"power EMA of sigma_rel {sigma_rel:g} at step {at} from {len(profiles)} tracked snapshots: relative "
+          f"residual of its sample weights {residual:.3g}")
+    info = {"sigma_rel": sigma_rel, "at": at, "residual": residual,
+            "tracked": [{"step": p.snapshot.step, "name": p.name, "sigma_rel": p.sigma_rel, "coefficient": float(x)}
+                        for p, x in zip(profiles, coefficients)]}
+    return at, profiles[0].snapshot.layout, lambda rank: power.combine(profiles, coefficients, rank), info
+
+
+def _check_options(method, beta, window, every, last, best, skip_spikes, sigma_rel, at) -> None:
     if method not in METHODS:
         raise UserError(f"--method {method}: one of {', '.join(METHODS)}")
+    if (sigma_rel is not None) != (method == "power"):
+        raise UserError("--sigma-rel is the power EMA's width: give it with --method power, and only then")
+    if sigma_rel is not None and not 0 < sigma_rel < MAX_SIGMA_REL:
+        raise UserError(f"--sigma-rel {sigma_rel}: must be in (0, {MAX_SIGMA_REL:.4f})")
+    if method == "power" and (every != 1 or last or best or skip_spikes):
+        raise UserError("--every, --last, --best and --skip-spikes select checkpoints or snapshots to average; "
+                        "--method power uses every snapshot of the tracked power averages")
+    if at is not None and method != "power":
+        raise UserError("--at goes with --method power")
     if (beta is not None) != (method == "ema"):
         raise UserError("--beta is the EMA's decay: give it with --method ema, and only then")
     if (window is not None) != (method == "lawa"):
@@ -217,6 +256,9 @@ def main() -> None:
     parser.add_argument("--last", type=int, metavar="N", help="the newest N")
     parser.add_argument("--beta", type=float, metavar="B", help="the EMA's decay (--method ema)")
     parser.add_argument("--window", type=int, metavar="W", help="LAWA's window (--method lawa)")
+    parser.add_argument("--sigma-rel", type=float, metavar="S", help="the power EMA's width (--method power)")
+    parser.add_argument("--at", type=int, metavar="STEP",
+                        help="--method power: the step to rebuild it at (default: the newest snapshot's)")
     parser.add_argument("--skip-spikes", type=float, metavar="FACTOR",
                         help="drop checkpoints whose training loss exceeds FACTOR x the median of the preceding")
     parser.add_argument("--best", type=int, metavar="K", help="the K of lowest val loss")
@@ -230,7 +272,8 @@ def main() -> None:
     if args.release is None and (args.dtype or args.max_shard_size):
         raise UserError("--dtype and --max-shard-size go with --release")
     target = posthoc(args.source, args.method, every=args.every, last=args.last, beta=args.beta,
-                     window=args.window, skip_spikes=args.skip_spikes, best=args.best, out_tag=args.out_tag,
+                     window=args.window, skip_spikes=args.skip_spikes, best=args.best, sigma_rel=args.sigma_rel,
+                     at=args.at, out_tag=args.out_tag,
                      release=args.release, dtype=args.dtype or "fp32", max_shard_size=args.max_shard_size or "5GB")
     if args.out_tag:
         print(f"wrote {target}; export it with: python -m averaging.consolidate {target.parent} "

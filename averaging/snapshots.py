@@ -59,6 +59,7 @@ class Snapshot:
         self.step = description["step"]
         self.layout = Layout.from_dict(description["layout"])
         self.weights: dict[str, str] = description["weights"]  # name -> dtype
+        self.averages: dict[str, dict] = description["averages"]  # name -> hyperparameters and counters
         self.scheduled: bool = description["scheduled"]
 
     def problems(self) -> list[str]:
@@ -144,8 +145,10 @@ class SnapshotStore:
     def scheduled(self, step: int) -> bool:
         return self.cfg.every > 0 and step % self.cfg.every == 0
 
-    def write(self, step: int, weights: dict[str, tuple[list[torch.Tensor], str]], scheduled: bool) -> None:
-        """This rank's file of snapshot `step`: `weights` maps a name to its partitions and dtype."""
+    def write(self, step: int, weights: dict[str, tuple[list[torch.Tensor], str]], scheduled: bool,
+              averages: dict[str, dict] | None = None) -> None:
+        """This rank's file of snapshot `step`: `weights` maps a name to its partitions and dtype; `averages` the
+        hyperparameters and counters of the averages among them (post-hoc power reconstruction needs them)."""
         directory = self.root / f"step{step}"
         directory.mkdir(parents=True, exist_ok=True)
         world = self.layout.world_size
@@ -155,7 +158,7 @@ class SnapshotStore:
                     p.unlink()
             description = {"step": step, "world_size": world, "scheduled": scheduled,
                            "weights": {name: dtype for name, (_, dtype) in weights.items()},
-                           "layout": self.layout.to_dict()}
+                           "averages": averages or {}, "layout": self.layout.to_dict()}
             write_synced(directory / f".{DESCRIPTION}.tmp", json.dumps(description, indent=1))
             os.replace(directory / f".{DESCRIPTION}.tmp", directory / DESCRIPTION)
         entries = [tensorfile.Entry(f"{name}.{g}", DTYPES[dtype], (t.numel(),), lambda t=t: [t])
@@ -178,7 +181,7 @@ class SnapshotStore:
         own = rank_file(directory, self.rank)
         try:
             if own.is_file() and _rank_meta(own)["world_size"] == str(self.layout.world_size):
-                if tensorfile.read_header(own)[0]["raw.0"]["dtype"] != "F32":
+                if tensorfile.read_header(own)[0].get("raw.0", {}).get("dtype") != "F32":
                     raise UserError(f"{own}: holds no fp32 weights to read back")
                 layout = self.layout
             else:

@@ -50,9 +50,8 @@ STEPS = next(int(item.split("=")[1]) for item in SMALL if item.startswith("train
 
 def command(run_dir: Path, data_dir: Path) -> list[str]:
     """The command of the tests' `run2`: 2 ranks, a checkpoint every step."""
-    sets = SMALL + [f"data.dir={data_dir}", f"run.dir={run_dir}", "checkpoint.every=1"]
     return [str(DEEPSPEED), "--num_gpus", "2", "--master_port", str(free_port()), "launch/pretrain.py",
-            "--recipe", "recipes/tiny_cpu.yaml", *(a for item in sets for a in ("--set", item))]
+            "--recipe", "recipes/tiny_cpu.yaml", *(a for item in trained(data_dir, run_dir) for a in ("--set", item))]
 
 
 @dataclass

@@ -18,14 +18,22 @@ from polyak import metrics
 ROOT = Path(__file__).resolve().parent.parent
 DEEPSPEED = Path(sys.executable).parent / "deepspeed"
 
-# The embedded default recipe, shrunk so that a multi-rank run takes seconds.
+# The embedded default recipe, shrunk so that a multi-rank run takes seconds; with a power EMA beside its EMA and
+# LAWA, and a scheduled snapshot every 4 steps.
 SMALL = [
     "model.size=null", "model.dim=64", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=2",
     "data.bpe_vocab_size=512", "data.seq_len=64", "data.max_tokens=300000",
     "train.micro_batch=4", "train.steps=12", "train.warmup=2", "train.lr=0.01",
     "eval.every=4", "eval.batches=2", "checkpoint.every=4", "log.progress=false",
     "averaging.ema.beta=0.8", "averaging.lawa.window=3", "averaging.lawa.every=2",
+    "averaging.p10.kind=power", "averaging.p10.sigma_rel=0.1", "snapshots.every=4",
 ]
+
+
+def trained(data_dir: Path, run_dir: Path) -> list[str]:
+    """The tests' reference runs (`run1`..`run3` in tests/conftest.py, the fault benchmark's): SMALL with a
+    checkpoint every step, for offline oracles."""
+    return SMALL + [f"data.dir={data_dir}", f"run.dir={run_dir}", "checkpoint.every=1"]
 
 
 def free_port() -> int:
@@ -57,7 +65,8 @@ def run_cli(args: list[str], check: bool = True, timeout: int = 600, env: dict |
 
 
 def pretrain(ranks: int, overrides: list[str], *extra: str, check: bool = True):
-    """`deepspeed --num_gpus N launch/pretrain.py --recipe recipes/tiny_cpu.yaml --set ...` on CPU ranks."""
+    """`deepspeed --num_gpus N launch/pretrain.py --recipe recipes/tiny_cpu.yaml --set ...` on CPU ranks, with SMALL
+    before `overrides`."""
     args = [str(DEEPSPEED), "--num_gpus", str(ranks), "--master_port", str(free_port()), "launch/pretrain.py",
             "--recipe", "recipes/tiny_cpu.yaml", *extra]
     for item in SMALL + overrides:

@@ -104,11 +104,15 @@ class LogConfig:
     peak_tflops: float | None = None  # per-device peak for MFU; None: looked up by device name
 
 
+MAX_SIGMA_REL = (1 / 12) ** 0.5  # a power profile with exponent 0 (the plain mean of all samples)
+
+
 @dataclass
 class AverageConfig:
-    kind: str = "ema"  # ema | lawa
+    kind: str = "ema"  # ema | lawa | power
     beta: float = 0.9  # ema decay
     window: int = 10  # lawa queue length
+    sigma_rel: float = 0.05  # power: the width of its profile relative to the run so far (EDM2)
     every: int = 1  # sample when step % every == 0
 
 
@@ -134,6 +138,7 @@ class SnapshotConfig:
     its samples there whatever this says; `every` adds scheduled snapshots, for post-hoc averaging."""
 
     every: int = 0  # a scheduled snapshot every `every` optimizer steps; 0: none
+    weights: list[str] = field(default_factory=lambda: ["raw"])  # what one holds: raw and/or averages' names
     dtype: str = "fp32"  # fp32 | bf16: of the scheduled snapshots (a LAWA's samples are always fp32)
     keep_last: int = 0  # scheduled snapshots kept: the newest n; 0 keeps all
     keep_every: int = 0  # also keep every k-th step's
@@ -255,13 +260,19 @@ def validate(r: Recipe, origin: dict) -> None:
     for name, avg in a.averages.items():
         check(name.isidentifier(), f"averaging.{name}", name, "must be a name of letters, digits and underscores")
         check(name != "raw", f"averaging.{name}", name, "'raw' names the training weights")
-        check(avg.kind in ("ema", "lawa"), f"averaging.{name}.kind", avg.kind, "must be ema or lawa")
+        check(avg.kind in ("ema", "lawa", "power"), f"averaging.{name}.kind", avg.kind, "must be ema, lawa or power")
+        check(0 < avg.sigma_rel < MAX_SIGMA_REL, f"averaging.{name}.sigma_rel", avg.sigma_rel,
+              f"must be in (0, {MAX_SIGMA_REL:.4f}): wider profiles weight the first samples more than the last")
         check(0 <= avg.beta < 1, f"averaging.{name}.beta", avg.beta, "must be in [0, 1)")
         check(avg.window >= 1, f"averaging.{name}.window", avg.window, "must be at least 1")
         check(avg.every >= 1, f"averaging.{name}.every", avg.every, "must be at least 1")
 
     s = r.snapshots
     check(s.dtype in ("fp32", "bf16"), "snapshots.dtype", s.dtype, "must be fp32 or bf16")
+    check(bool(s.weights), "snapshots.weights", s.weights, "must name raw or averages")
+    for name in s.weights:
+        check(name == "raw" or name in a.averages, "snapshots.weights", s.weights,
+              f"names {name!r}, which is neither raw nor an average of the averaging section")
     for key in ("every", "keep_last", "keep_every"):
         check(getattr(s, key) >= 0, f"snapshots.{key}", getattr(s, key), "must be non-negative (0 disables)")
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.harness import SMALL, pretrain, run_cli
+from bench.harness import DEEPSPEED, SMALL, free_port, run_cli, trained
 
 
 @pytest.fixture(scope="session")
@@ -20,10 +20,10 @@ def data_dir(tmp_path_factory) -> Path:
 
 
 def _trained(tmp_path_factory, data_dir, ranks: int) -> Path:
-    """An uninterrupted run of `ranks` ranks with EMA and LAWA, a checkpoint every step (for offline oracles) and a
-    scheduled snapshot every 4."""
+    """An uninterrupted run of `ranks` ranks (bench/harness.py's `trained`)."""
     run_dir = tmp_path_factory.mktemp(f"run{ranks}")
-    pretrain(ranks, [f"data.dir={data_dir}", f"run.dir={run_dir}", "checkpoint.every=1", "snapshots.every=4"])
+    run_cli([str(DEEPSPEED), "--num_gpus", str(ranks), "--master_port", str(free_port()), "launch/pretrain.py",
+             "--recipe", "recipes/tiny_cpu.yaml", *(a for item in trained(data_dir, run_dir) for a in ("--set", item))])
     return run_dir
 
 
