@@ -218,3 +218,4 @@ def test_a_checkpoint_of_another_model_shape_is_refused(run1, tmp_path):
                                             r"model\.layers\.2\.self_attn\.q_proj\.weight is missing"):
             consolidate(copy / "checkpoints", None, weights, tmp_path / "out")
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out*"))
+
