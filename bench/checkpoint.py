@@ -26,7 +26,7 @@ from pathlib import Path
 import deepspeed.comm as dist
 
 from averaging.zero import averager, master_partitions
-from bench.averaging import rss, settled_rss
+from bench.update_cost import rss, settled_rss
 from data.loader import TokenWindows, TrainBatches, load_meta
 from data.prepare import prepare
 from launch.checkpoint import Checkpointer

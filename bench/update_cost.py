@@ -1,6 +1,6 @@
 """Our per-rank averages against the gathered-EMA pattern and the memory-bandwidth limit, in one run.
 
-    .venv/bin/deepspeed --num_gpus 2 bench/averaging.py --recipe recipes/tiny_cpu.yaml [--set ...]
+    .venv/bin/deepspeed --num_gpus 2 bench/update_cost.py --recipe recipes/tiny_cpu.yaml [--set ...]
 
 One engine. Every pattern is timed in alternating blocks (so drift in the machine's speed hits all alike), each
 timed call between barriers; a call's time is the slowest rank's, as the ranks wait for each other after it.
