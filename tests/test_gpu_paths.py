@@ -144,6 +144,18 @@ def test_resumed_run_evaluating_every_step_is_bitwise_the_run(runs, request):
     assert [s for s in theirs if "val_loss" in theirs[s]] == [4, 8, 12]  # so steps 9, 10, 11 swapped extra
 
 
+def test_runs_are_compared_by_their_bits():
+    """The same NaN is equal to itself (ZeRO-3's uninitialised padding can hold one: it did in the offload run's rank
+    2 master partition, in both runs, which torch.equal called different); 0.0 and -0.0, or bf16 and fp32, are not."""
+    for dtype in (torch.float32, torch.bfloat16):
+        held = torch.tensor([0.5, float("nan"), 0.0], dtype=dtype)
+        assert_identical({"state": [held]}, {"state": [held.clone()]})
+        for other in (torch.tensor([0.5, float("nan"), -0.0], dtype=dtype), torch.tensor([0.5, 1.0, 0.0], dtype=dtype),
+                      held.float() if dtype == torch.bfloat16 else held.double()):
+            with pytest.raises(AssertionError):
+                assert_identical({"state": [held]}, {"state": [other]})
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("weights", ["raw", "ema", "lawa"])
 def test_bf16_exports_are_the_fp32_weights_and_give_transformers_our_logits(weights, bf16_run, tmp_path):
