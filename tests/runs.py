@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from averaging.partitions import Layout
+from averaging.weights import MasterWeights
 from polyak import checkpoints
 
 
@@ -28,7 +28,7 @@ def poison_token(directory: Path, token: int) -> None:
     """Set the input embedding of `token` to NaN in the fp32 master weights of a checkpoint (on every rank holding a
     piece of it) and seal its manifest again: a run resumed from it has a non-finite loss exactly on the micro-batches
     whose inputs hold that token."""
-    layout = Layout.from_dict(json.loads((directory / "averaging" / "averaging.json").read_text())["layout"])
+    layout = MasterWeights(directory).layout  # as DeepSpeed's own model states file records it
     embedding = next(p for p in layout.params() if p.name == "model.embed_tokens.weight")
     dim, chunk = embedding.shape[1], embedding.stop - embedding.start
     for rank in {e // chunk for e in range(token * dim, (token + 1) * dim)}:
