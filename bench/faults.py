@@ -41,6 +41,7 @@ from bench.harness import (
     rank_states,
     read_metrics,
     run_cli,
+    trained,
 )
 from polyak import checkpoints
 

@@ -11,51 +11,15 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from averaging.consolidate import consolidate
-from averaging.release import Run
 from bench.harness import full_average, pretrain, run_cli
 from data.tokenizer import load_tokenizer
-from model.llama import Llama
 from polyak.errors import UserError
+from tests.oracles import hf_logits, project_logits, released, some_tokens, zero_to_fp32
 
 TEXTS = ["def main():\n    return 0\n", "Ünïcödé, tabs\tand  spaces; <|endoftext|> mid-text.", ""]
-
-
-def released(out: Path) -> dict[str, torch.Tensor]:
-    """Every tensor of a release folder, whether in one file or in shards."""
-    files = sorted(out.glob("model*.safetensors"))
-    tensors = {}
-    for f in files:
-        tensors.update(load_file(f))
-    return tensors
-
-
-def zero_to_fp32(run_dir: Path, tag: str | None = None) -> dict[str, torch.Tensor]:
-    return get_fp32_state_dict_from_zero_checkpoint(str(run_dir / "checkpoints"), tag=tag)
-
-
-def project_logits(run_dir: Path, weights: dict[str, torch.Tensor], tokens: torch.Tensor) -> torch.Tensor:
-    model = Llama(Run.of(run_dir / "checkpoints").args)
-    if model.args.tie_embeddings:
-        weights = {**weights, "lm_head.weight": weights["model.embed_tokens.weight"]}
-    model.load_state_dict(weights)
-    with torch.no_grad():
-        return model(tokens)
-
-
-def hf_logits(out: Path, tokens: torch.Tensor) -> torch.Tensor:
-    model = AutoModelForCausalLM.from_pretrained(out)
-    assert isinstance(model, LlamaForCausalLM)
-    with torch.no_grad():
-        return model(tokens).logits
-
-
-def some_tokens(vocab_size: int) -> torch.Tensor:
-    return torch.randint(vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
 
 
 def link_copy(run_dir: Path, to: Path) -> Path:

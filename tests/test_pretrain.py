@@ -11,9 +11,7 @@ import sys
 
 import pytest
 import torch
-from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-from averaging.averages import gamma_of, power_weights
 from bench.harness import (
     ROOT,
     SMALL,
@@ -25,10 +23,8 @@ from bench.harness import (
     rank_states,
     read_metrics,
 )
-from data.loader import load_meta
-from model.llama import Llama
-from model.sizes import resolve
 from polyak.recipe import load_recipe
+from tests.oracles import offline_averages
 
 pytestmark = pytest.mark.slow
 
@@ -59,33 +55,16 @@ def test_three_ranks_lower_val_loss(run3):
 
 
 @pytest.mark.parametrize("run", ["run2", "run3"])
-def test_online_averages_equal_offline_averages_of_the_full_weights(run, request, data_dir):
+def test_online_averages_equal_offline_averages_of_the_full_weights(run, request):
     """EMA, LAWA and the power EMA kept on local partitions equal the same averages computed from gathered full
-    weights (the power EMA as its closed form, Σ w_k θ_k with w_k = (k^(γ+1) − (k−1)^(γ+1)) / n^(γ+1))."""
+    weights (tests/oracles.py)."""
     run_dir = request.getfixturevalue(run)
-    ckpt = run_dir / "checkpoints"
-    recipe = load_recipe(run_dir / "recipe.yaml")
-    torch.manual_seed(recipe.train.seed)  # the initial weights θ0, built the way pretrain builds them
-    theta = Llama(resolve(recipe.model, load_meta(data_dir)["vocab_size"], recipe.data.seq_len)).state_dict()
-    ema = {k: v.clone() for k, v in theta.items()}
-    ring, every_step = [], []
-    ema_cfg, lawa_cfg = recipe.averaging.averages["ema"], recipe.averaging.averages["lawa"]
-    for step in range(1, recipe.train.steps + 1):
-        full = get_fp32_state_dict_from_zero_checkpoint(str(ckpt), tag=f"global_step{step}")
-        every_step.append(full)
-        if step % ema_cfg.every == 0:
-            ema = {k: ema_cfg.beta * ema[k] + (1 - ema_cfg.beta) * full[k] for k in ema}
-        if step % lawa_cfg.every == 0:
-            ring = (ring + [full])[-lawa_cfg.window:]
-    lawa = {k: sum(s[k] for s in ring) / len(ring) for k in theta}
-    w = power_weights(gamma_of(recipe.averaging.averages["p10"].sigma_rel), len(every_step))
-    p10 = {k: sum(float(w_k) * full[k].double() for w_k, full in zip(w, every_step)) for k in theta}
-    final = ckpt / f"global_step{recipe.train.steps}"
-    for name, oracle in (("ema", ema), ("lawa", lawa), ("p10", p10)):
+    final = run_dir / "checkpoints" / "global_step12"
+    for name, oracle in offline_averages(run_dir).items():
         online = full_average(final, name)
         assert online.keys() == oracle.keys()
         for k in oracle:
-            torch.testing.assert_close(online[k], oracle[k].float(), rtol=1e-6, atol=1e-7, msg=f"{name} {k}")
+            torch.testing.assert_close(online[k].double(), oracle[k], rtol=1e-6, atol=1e-7, msg=f"{name} {k}")
 
 
 def test_resume_is_bitwise_identical(run2, data_dir, tmp_path):

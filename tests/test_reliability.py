@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
 import secrets
 import shutil
 import sys
@@ -13,23 +11,11 @@ import pytest
 import torch
 from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-from averaging.partitions import Layout
 from bench.faults import Kill, assert_same_run, interrupt, last_records, resume
 from bench.harness import SMALL, free_port, pretrain, read_metrics, run_cli
 from data.loader import TokenWindows, TrainBatches, val_batches
 from polyak import checkpoints
-
-
-def copy_run(source: Path, run_dir: Path, steps=None) -> None:
-    """A run directory holding `source`'s recipe, snapshots (its LAWA's samples among them) and checkpoints (those
-    of `steps` only, if given)."""
-    (run_dir / "checkpoints").mkdir(parents=True)
-    shutil.copy(source / "recipe.yaml", run_dir / "recipe.yaml")
-    shutil.copytree(source / "snapshots", run_dir / "snapshots")
-    for step in steps or checkpoints.saved_steps(source / "checkpoints"):
-        shutil.copytree(source / "checkpoints" / f"global_step{step}", run_dir / "checkpoints" / f"global_step{step}")
-    last = max(steps) if steps else checkpoints.latest_step(source / "checkpoints")
-    (run_dir / "checkpoints" / "latest").write_text(f"global_step{last}")
+from tests.runs import copy_run, poison_token, sampler
 
 
 def intact(ckpt_dir: Path) -> bool:
@@ -117,24 +103,7 @@ def test_one_skipped_step_keeps_data_order_and_schedule_aligned(run2, data_dir, 
                       if t not in held_out and all(t not in inputs[s] for s in inputs if s != step))
 
     copy_run(run2, tmp_path, steps=range(1, start + 1))
-    directory = tmp_path / "checkpoints" / f"global_step{start}"
-    layout = Layout.from_dict(json.loads((directory / "averaging" / "averaging.json").read_text())["layout"])
-    embedding = next(p for p in layout.params() if p.name == "model.embed_tokens.weight")
-    dim, chunk = embedding.shape[1], embedding.stop - embedding.start
-    for rank in {e // chunk for e in range(token * dim, (token + 1) * dim)}:
-        path = directory / f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt"
-        # DeepSpeed's own pickle, rewritten here to poison the fp32 master weights the resume restores.
-        states = torch.load(path, map_location="cpu", weights_only=False)
-        flat = states["optimizer_state_dict"]["fp32_flat_groups"][embedding.group].detach()
-        for e in range(token * dim, (token + 1) * dim):
-            if e // chunk == rank:
-                flat[embedding.start + e % chunk] = float("nan")
-        torch.save(states, path)
-    manifest = json.loads((directory / "manifest.json").read_text())
-    for name in manifest["files"]:
-        data = (directory / name).read_bytes()
-        manifest["files"][name] = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
-    (directory / "manifest.json").write_text(json.dumps(manifest))
+    poison_token(tmp_path / "checkpoints" / f"global_step{start}", token)
 
     proc = pretrain(2, [f"data.dir={data_dir}", f"run.dir={tmp_path}", "checkpoint.every=1"])
     assert f"step {bad}: non-finite loss or gradients, update skipped (1 in a row)" in proc.stderr.splitlines()
@@ -145,10 +114,6 @@ def test_one_skipped_step_keeps_data_order_and_schedule_aligned(run2, data_dir, 
     saved = [s for s in range(1, 13) if s != bad]  # none for the skipped step
     assert checkpoints.saved_steps(tmp_path / "checkpoints") == saved
     assert [sampler(tmp_path, s) for s in saved if s > start] == [sampler(run2, s) for s in saved if s > start]
-
-
-def sampler(run_dir: Path, step: int) -> dict:
-    return json.loads((run_dir / "checkpoints" / f"global_step{step}" / "trainer.json").read_text())["sampler"]
 
 
 # Bad input: one line `error: ...`, exit code 2, no traceback, nothing written.
