@@ -24,6 +24,9 @@ def deepspeed_config(recipe: Recipe, world_size: int, load_universal: bool = Fal
         "gradient_clipping": t.grad_clip,
         "zero_optimization": zero,
         "bf16": {"enabled": t.precision == "bf16"},
+        # ZeRO-3 adds up the micro-batches' gradient partitions in the model's dtype unless told otherwise: in bf16,
+        # an accumulation of 4 would round every partial sum to 8 bits of mantissa.
+        "data_types": {"grad_accum_dtype": "fp32"},
         # True only to resume from a checkpoint of another world size, converted by launch/universal.py.
         "checkpoint": {"load_universal": load_universal},
         # Our torch AdamW is the optimizer on every device; DeepSpeed would otherwise insist on its CPU Adam.

@@ -21,7 +21,6 @@ from averaging import zero
 from averaging.release import RUN_TOKENIZER
 from averaging.weights import zero_world_size
 from data.loader import TokenWindows, TrainBatches, load_meta, val_batches
-from data.prepare import prepare
 from data.tokenizer import copy_tokenizer
 from launch import checkpoint, universal
 from launch.dist import explain_stop, init_distributed, on_rank0, raise_stopped
@@ -60,7 +59,7 @@ def train(recipe: Recipe, stop_after: int | None = None) -> None:
     device = init_distributed()
     rank, world = dist.get_rank(), dist.get_world_size()
     run_dir, ckpt_dir = Path(recipe.run.dir), Path(recipe.run.dir) / "checkpoints"
-    on_rank0(lambda: prepare(recipe.data))
+    on_rank0(lambda: _prepare(recipe))
     meta = load_meta(recipe.data.dir)
 
     # Build. A checkpoint written by another number of ranks is loaded through DeepSpeed's universal checkpoint,
@@ -142,6 +141,13 @@ def train(recipe: Recipe, stop_after: int | None = None) -> None:
         averager.close()
     log.close()
     dist.barrier()
+
+
+def _prepare(recipe: Recipe) -> None:
+    # Imported here: datasets and pandas take a second to import, and only rank 0 prepares data.
+    from data.prepare import prepare
+
+    prepare(recipe.data)
 
 
 def _claim_run_dir(recipe: Recipe, run_dir: Path, ckpt_dir: Path) -> None:
