@@ -37,13 +37,17 @@ class EMA:
 
     def __init__(self, initial: list[torch.Tensor], beta: float, device: torch.device | None = None):
         self.beta = beta
-        self.average = [buffer_like(p, device).copy_(p) for p in initial]
+        self.average = [buffer_like(p, device).copy_(p) for p in initial]  # θ_0
         self.samples = 0
 
+    def decay(self) -> float:
+        """β for the sample being taken (the `samples`-th)."""
+        return self.beta
+
     def sample(self, step: int, partitions: list[torch.Tensor]) -> None:
-        # lerp: θ_ema + (1−β)(θ − θ_ema), one fused pass over every group.
-        torch._foreach_lerp_(self.average, partitions, 1.0 - self.beta)
         self.samples += 1
+        # lerp: θ_ema + (1−β)(θ − θ_ema), one fused pass over every group.
+        torch._foreach_lerp_(self.average, partitions, 1.0 - self.decay())
 
     def weights(self) -> list[torch.Tensor]:
         return self.average
@@ -58,33 +62,16 @@ class EMA:
         self.samples = counters["samples"]
 
 
-class PowerEMA:
-    """EDM2's power-function EMA: one buffer per partition, the sample count."""
+class PowerEMA(EMA):
+    """EDM2's power-function EMA: an EMA whose decay grows with the samples taken. θ_0 only stands in until the first
+    sample, which β_1 = 0 makes the average (torch's lerp returns its end exactly at weight 1)."""
 
     def __init__(self, initial: list[torch.Tensor], sigma_rel: float, device: torch.device | None = None):
+        super().__init__(initial, 0.0, device)
         self.gamma = gamma_of(sigma_rel)
-        self.average = [buffer_like(p, device).copy_(p) for p in initial]  # θ_0 stands in until a sample
-        self.samples = 0
 
-    def sample(self, step: int, partitions: list[torch.Tensor]) -> None:
-        self.samples += 1
-        if self.samples == 1:  # β_1 = 0: the first sample is the average
-            torch._foreach_copy_(self.average, partitions)
-        else:
-            beta = (1.0 - 1.0 / self.samples) ** (self.gamma + 1.0)
-            torch._foreach_lerp_(self.average, partitions, 1.0 - beta)
-
-    def weights(self) -> list[torch.Tensor]:
-        return self.average
-
-    def buffers(self) -> dict[str, list[torch.Tensor]]:
-        return {"average": self.average}
-
-    def counters(self) -> dict:
-        return {"samples": self.samples}
-
-    def load_counters(self, counters: dict) -> None:
-        self.samples = counters["samples"]
+    def decay(self) -> float:
+        return (1.0 - 1.0 / self.samples) ** (self.gamma + 1.0)
 
 
 def gamma_of(sigma_rel: float) -> float:

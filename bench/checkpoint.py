@@ -15,7 +15,6 @@ Rank 0 prints the tables and appends a JSON line to --out.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
@@ -26,12 +25,9 @@ from pathlib import Path
 import deepspeed.comm as dist
 
 from averaging.zero import averager, master_partitions
+from bench.harness import bench_parser, trainer
 from bench.update_cost import rss, settled_rss
-from data.loader import TokenWindows, TrainBatches, load_meta
-from data.prepare import prepare
 from launch.checkpoint import Checkpointer
-from launch.dist import init_distributed, on_rank0
-from launch.engine import build, train_step
 from model.llama import count_params
 from polyak.errors import cli
 from polyak.recipe import AverageConfig, AveragingConfig, CheckpointConfig, load_recipe
@@ -55,31 +51,21 @@ def slowest(seconds: float) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--recipe", required=True)
-    parser.add_argument("--set", action="append", default=[])
+    parser = bench_parser(__doc__.splitlines()[0])
     parser.add_argument("--saves", type=int, default=3, help="saves of each kind")
     parser.add_argument("--steps", type=int, default=6, help="timed training steps per variant")
     parser.add_argument("--block", type=int, default=2, help="training steps per alternating block")
     parser.add_argument("--work", type=Path, default=Path("/tmp/polyak-bench-checkpoint"))
-    parser.add_argument("--out", default="docs/bench_results.jsonl")
-    parser.add_argument("--local_rank", type=int, default=None)
     args = parser.parse_args()
     recipe = load_recipe(args.recipe, args.set)
-
-    device = init_distributed()
+    load_start = os.getloadavg()
+    run = trainer(recipe)
+    engine, step = run.engine, run.step
     rank, world = dist.get_rank(), dist.get_world_size()
-    on_rank0(lambda: prepare(recipe.data))
     if rank == 0:
         shutil.rmtree(args.work, ignore_errors=True)
         args.work.mkdir(parents=True)
-    load_start = os.getloadavg()
-    engine, _, model_args = build(recipe, load_meta(recipe.data.dir)["vocab_size"], world, device)
-    batches = TrainBatches(TokenWindows(recipe.data.dir, "train", recipe.data.seq_len), rank, world,
-                           recipe.train.micro_batch, recipe.train.seed)
-
-    def step() -> float:
-        return train_step(engine, batches, recipe.train.grad_accum, device)
+    dist.barrier()
 
     for _ in range(2):  # the first steps allocate the optimizer state
         loss = step()
@@ -148,7 +134,7 @@ def main() -> None:
         return
     median = {name: {k: statistics.median(s[k] for s in runs) for k in runs[0]} for name, runs in saves.items()}
     plain_step, lawa_step = (statistics.median(timings[k]) for k in ("plain", "lawa"))
-    result = {"recipe": args.recipe, "overrides": args.set, "ranks": world, "params": count_params(model_args),
+    result = {"recipe": args.recipe, "overrides": args.set, "ranks": world, "params": count_params(run.model_args),
               "partition_bytes": numel * 4, "loadavg_start": load_start, "loadavg_end": os.getloadavg(),
               "saves": median, "sizes": sizes, "lawa_memory": memory,
               "step_s": {"plain": plain_step, "lawa": lawa_step}, "lawa_step_share": lawa_step / plain_step - 1}

@@ -1,19 +1,26 @@
 """What tests and benchmarks share: the trainer launched as a user launches it, on CPU ranks, with a small recipe;
-and two runs compared bit for bit."""
+two runs compared bit for bit; and, inside a benchmark's ranks, a recipe's engine built as the trainer builds it."""
 
 from __future__ import annotations
 
+import argparse
 import os
 import signal
 import socket
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from averaging.state import SavedAverages
+from data.loader import TokenWindows, TrainBatches, load_meta
+from launch.dist import init_distributed, on_rank0
+from launch.engine import build, train_step
+from model.llama import LlamaArgs
 from polyak import metrics
+from polyak.recipe import Recipe
 
 ROOT = Path(__file__).resolve().parent.parent
 DEEPSPEED = Path(sys.executable).parent / "deepspeed"
@@ -122,3 +129,40 @@ def bits(t: torch.Tensor) -> torch.Tensor:
 def full_average(directory: Path, name: str) -> dict[str, torch.Tensor]:
     """One average saved in a checkpoint, as full fp32 tensors by parameter name."""
     return SavedAverages(directory).average(name).full()
+
+
+def bench_parser(description: str) -> argparse.ArgumentParser:
+    """The arguments of every benchmark that `deepspeed bench/<name>.py` runs on its ranks."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--recipe", required=True)
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--out", default="docs/bench_results.jsonl", help="a JSON line of results is appended here")
+    parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # passed by deepspeed
+    return parser
+
+
+@dataclass
+class Trainer:
+    """A recipe's engine on this rank and its training batches, built as launch/pretrain.py builds them."""
+
+    recipe: Recipe
+    device: torch.device
+    engine: object
+    model_args: LlamaArgs
+    batches: TrainBatches
+
+    def step(self) -> float:
+        return train_step(self.engine, self.batches, self.recipe.train.grad_accum, self.device)
+
+
+def trainer(recipe: Recipe) -> Trainer:
+    """Start this rank's process group, prepare the data (rank 0) and build the engine."""
+    from data.prepare import prepare
+
+    device = init_distributed()
+    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    on_rank0(lambda: prepare(recipe.data))
+    engine, _, model_args = build(recipe, load_meta(recipe.data.dir)["vocab_size"], world, device)
+    batches = TrainBatches(TokenWindows(recipe.data.dir, "train", recipe.data.seq_len), rank, world,
+                           recipe.train.micro_batch, recipe.train.seed)
+    return Trainer(recipe, device, engine, model_args, batches)

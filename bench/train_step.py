@@ -8,7 +8,6 @@ the median step time and tokens/s. Rank 0 prints a markdown row and appends a JS
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import time
@@ -16,33 +15,21 @@ import time
 import deepspeed.comm as dist
 import torch
 
-from data.loader import TokenWindows, TrainBatches, load_meta
-from data.prepare import prepare
-from launch.dist import init_distributed, on_rank0
-from launch.engine import build, train_step
+from bench.harness import bench_parser, trainer
 from model.llama import count_params
 from polyak.errors import cli
 from polyak.recipe import load_recipe
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--recipe", required=True)
-    parser.add_argument("--set", action="append", default=[])
+    parser = bench_parser(__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=20, help="timed steps per loop (after 3 warm-up steps)")
     parser.add_argument("--block", type=int, default=5, help="steps per alternating block")
-    parser.add_argument("--out", default="docs/bench_results.jsonl")
-    parser.add_argument("--local_rank", type=int, default=None)
     args = parser.parse_args()
     recipe = load_recipe(args.recipe, args.set)
-
-    device = init_distributed()
-    rank, world = dist.get_rank(), dist.get_world_size()
-    on_rank0(lambda: prepare(recipe.data))
-    seq_len = recipe.data.seq_len
-    engine, _, model_args = build(recipe, load_meta(recipe.data.dir)["vocab_size"], world, device)
-    batches = TrainBatches(TokenWindows(recipe.data.dir, "train", seq_len), rank, world, recipe.train.micro_batch,
-                           recipe.train.seed)
+    run = trainer(recipe)
+    engine, batches, device = run.engine, run.batches, run.device
+    world, seq_len = dist.get_world_size(), recipe.data.seq_len
 
     def plain_step():
         for _ in range(recipe.train.grad_accum):
@@ -51,15 +38,12 @@ def main() -> None:
             engine.backward(loss)
             engine.step()
 
-    def ours():
-        train_step(engine, batches, recipe.train.grad_accum, device)
-
     timings = {"plain": [], "ours": []}
     for _ in range(3):
         plain_step()
-        ours()
+        run.step()
     while len(timings["ours"]) < args.steps:
-        for name, step in (("plain", plain_step), ("ours", ours)):
+        for name, step in (("plain", plain_step), ("ours", run.step)):
             for _ in range(args.block):
                 dist.barrier()
                 t0 = time.perf_counter()
@@ -69,13 +53,13 @@ def main() -> None:
                 timings[name].append(time.perf_counter() - t0)
 
     tokens = recipe.train.micro_batch * recipe.train.grad_accum * world * seq_len
-    result = {"recipe": args.recipe, "overrides": args.set, "ranks": world, "params": count_params(model_args),
+    result = {"recipe": args.recipe, "overrides": args.set, "ranks": world, "params": count_params(run.model_args),
               "tokens_per_step": tokens}
     for name, times in timings.items():
         median = statistics.median(times)
         result[name] = {"step_s": median, "tokens_per_s": tokens / median}
     result["ratio"] = result["ours"]["tokens_per_s"] / result["plain"]["tokens_per_s"]
-    if rank == 0:
+    if dist.get_rank() == 0:
         print(f"| {result['params'] / 1e6:.1f}M | {world} | {result['plain']['step_s'] * 1e3:.0f} ms | "
               f"{result['ours']['step_s'] * 1e3:.0f} ms | {result['plain']['tokens_per_s']:,.0f} | "
               f"{result['ours']['tokens_per_s']:,.0f} | {result['ratio']:.3f} |")

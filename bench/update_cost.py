@@ -17,7 +17,6 @@ Rank 0 prints two markdown tables and appends a JSON line to --out.
 
 from __future__ import annotations
 
-import argparse
 import ctypes
 import functools
 import json
@@ -37,10 +36,7 @@ from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
 from averaging.averager import Averager
 from averaging.zero import averager as make_averager
 from averaging.zero import master_partitions
-from data.loader import TokenWindows, TrainBatches, load_meta
-from data.prepare import prepare
-from launch.dist import init_distributed, on_rank0
-from launch.engine import build, train_step
+from bench.harness import bench_parser, trainer
 from model.llama import count_params
 from polyak.errors import cli
 from polyak.recipe import AverageConfig, AveragingConfig, load_recipe
@@ -246,9 +242,7 @@ def across_ranks(per_rank: list[dict]) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--recipe", required=True)
-    parser.add_argument("--set", action="append", default=[])
+    parser = bench_parser(__doc__.splitlines()[0])
     parser.add_argument("--updates", type=int, default=20, help="timed updates per pattern")
     parser.add_argument("--update-block", type=int, default=5, help="updates per alternating block")
     parser.add_argument("--steps", type=int, default=6, help="timed training steps per variant")
@@ -256,22 +250,13 @@ def main() -> None:
     parser.add_argument("--step-updates", nargs="*", default=["ema", "lawa", "gathered_ema"],
                         choices=["ema", "lawa", "gathered_ema"], help="the updates timed after training steps")
     parser.add_argument("--window", type=int, default=10, help="LAWA window")
-    parser.add_argument("--out", default="docs/bench_results.jsonl")
-    parser.add_argument("--local_rank", type=int, default=None)
     args = parser.parse_args()
     recipe = load_recipe(args.recipe, args.set)
-
-    device = init_distributed()
-    rank, world = dist.get_rank(), dist.get_world_size()
-    on_rank0(lambda: prepare(recipe.data))
     load_start = os.getloadavg()
-    engine, _, model_args = build(recipe, load_meta(recipe.data.dir)["vocab_size"], world, device)
-    batches = TrainBatches(TokenWindows(recipe.data.dir, "train", recipe.data.seq_len), rank, world,
-                           recipe.train.micro_batch, recipe.train.seed)
+    run = trainer(recipe)
+    engine, model_args, step = run.engine, run.model_args, run.step
+    rank, world = dist.get_rank(), dist.get_world_size()
     meter = CommMeter(world)
-
-    def step() -> float:
-        return train_step(engine, batches, recipe.train.grad_accum, device)
 
     for _ in range(2):  # the first steps allocate the optimizer state and the gather buffers
         loss = step()
