@@ -3,8 +3,10 @@ the loss-spike guard; a checkpoint component that saves and loads its own state 
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -16,6 +18,19 @@ from averaging.snapshots import SnapshotStore
 from averaging.spikes import LossHistory
 from polyak.errors import UserError
 from polyak.recipe import AveragingConfig
+
+
+@dataclass
+class WorkerTimes:
+    """Where an Averager's time goes, for benchmarks (bench/gpu_worker.py). On the training thread: the updates that
+    found the worker still busy with earlier work and waited for it, and the seconds they waited. On the worker: its
+    jobs, the seconds they waited for the device→host copy, and the seconds of host work (averages, snapshots)."""
+
+    waits: int = 0
+    wait_s: float = 0.0
+    jobs: int = 0
+    copy_s: float = 0.0
+    work_s: float = 0.0
 
 
 class Averager:
@@ -63,6 +78,7 @@ class Averager:
         self.stream = torch.cuda.Stream(initial[0].device) if on_cuda and self.staging else None
         self.worker = ThreadPoolExecutor(1, thread_name_prefix="averaging") if self.staging else None
         self.pending: list[Future] = []
+        self.times = WorkerTimes()
 
     @property
     def names(self) -> list[str]:
@@ -77,7 +93,11 @@ class Averager:
     def update(self, step: int, loss: float, partitions: list[torch.Tensor]) -> list[str]:
         """Sample the averages due at optimizer step `step` from this rank's partitions, and write a snapshot when
         one is due; returns events (skips). `loss` must be the same on every rank (e.g. the mean over ranks)."""
+        busy, start = any(not job.done() for job in self.pending), time.perf_counter()
         self._wait()
+        if busy:  # the training thread waited for the worker
+            self.times.waits += 1
+            self.times.wait_s += time.perf_counter() - start
         self.step = step
         events = []
         due = [name for name, avg in self.cfg.averages.items() if step % avg.every == 0]
@@ -236,8 +256,10 @@ class Averager:
 
     def _host_work(self, step: int, names: list[str], scheduled: bool, copied: torch.cuda.Event | None) -> None:
         """The worker's part of an update: the host averages' samples, then the snapshot of this step."""
+        start = time.perf_counter()
         if copied is not None:
             copied.synchronize()
+        copied_at = time.perf_counter()
         sampled = False
         for name in names:
             self.averages[name].sample(step, self.staging)
@@ -245,6 +267,9 @@ class Averager:
         if sampled or scheduled:
             self.store.write(step, *self._snapshot(sampled, scheduled))
             self.store.prune(self._window_steps() | {step}, upto=step)
+        self.times.jobs += 1
+        self.times.copy_s += copied_at - start
+        self.times.work_s += time.perf_counter() - copied_at
 
     def _snapshot(self, lawa_sample: bool, scheduled: bool) -> tuple[dict, bool, dict]:
         """What the snapshot of this step holds: the raw weights where a LAWA took them (in fp32: it reads them back
