@@ -29,6 +29,8 @@ def deepspeed_config(recipe: Recipe, world_size: int, load_universal: bool = Fal
         "data_types": {"grad_accum_dtype": "fp32"},
         # True only to resume from a checkpoint of another world size, converted by launch/universal.py.
         "checkpoint": {"load_universal": load_universal},
+        # DeepSpeed's DeepCompile: engine.compile() (launch/engine.py, zero.compile) then uses its ZeRO-3 passes.
+        "compile": {"deepcompile": z.deepcompile},
         # Our torch AdamW is the optimizer on every device; DeepSpeed would otherwise insist on its CPU Adam.
         "zero_force_ds_cpu_optimizer": False,
         "zero_allow_untested_optimizer": True,

@@ -78,7 +78,8 @@ class ZeroConfig:
     param_persistence_threshold: int = 100_000
     offload_optimizer: str = "none"  # none | cpu
     activation_checkpointing: bool = False
-    compile: bool = False
+    compile: bool = False  # engine.compile(): torch.compile of the model inside the engine
+    deepcompile: bool = False  # with compile: DeepSpeed's DeepCompile backend (ZeRO-3 in the graph; CUDA only)
 
 
 @dataclass
@@ -243,6 +244,8 @@ def validate(r: Recipe, origin: dict) -> None:
     check(z.offload_optimizer in ("none", "cpu"), "zero.offload_optimizer", z.offload_optimizer, "must be none or cpu")
     for key in ("reduce_bucket_size", "prefetch_bucket_size", "param_persistence_threshold"):
         check(getattr(z, key) >= 0, f"zero.{key}", getattr(z, key), "must be non-negative")
+    check(z.compile or not z.deepcompile, "zero.deepcompile", z.deepcompile,
+          "needs zero.compile: true (DeepCompile is a backend of the engine's compile)")
 
     c = r.checkpoint
     for key in ("every", "keep_last", "keep_best", "keep_every"):

@@ -6,6 +6,7 @@ import sys
 import pytest
 
 from bench.harness import ROOT, run_cli
+from launch.ds_config import deepspeed_config
 from launch.schedule import lr_multiplier
 from polyak.errors import UserError
 from polyak.recipe import TrainConfig, load_recipe, recipe_from_dict, recipe_to_dict
@@ -34,6 +35,7 @@ def test_base_chain_and_overrides(tmp_path):
     ("", ["averaging.ema.every=0"], "averaging.ema.every=0 must be at least 1"),
     ("averaging: {lawa: {kind: lawa, window: 0}}", [], "b.yaml: averaging.lawa.window=0 must be at least 1"),
     ("", ["train.steps=0"], "train.steps=0 must be at least 1"),
+    ("", ["zero.deepcompile=true"], "--set zero.deepcompile: zero.deepcompile=True needs zero.compile: true"),
     ("", ["train.warmup=50"], "train.warmup=50 must be between 0 and train.steps (10)"),
     ("train: {schedule: step}", [], "b.yaml: train.schedule='step' must be one of cosine, linear, wsd, constant"),
     ("train: [1, 2]", [], "b.yaml: train must be a mapping"),
@@ -77,3 +79,10 @@ def test_schedules_warm_up_then_end_at_the_final_fraction(schedule):
         assert m[79] == 1.0 and m[80] < 1.0  # stable until the last 20%
     if schedule == "cosine":
         assert m[55] == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 45 / 89)))
+
+
+def test_deepcompile_reaches_the_deepspeed_config():
+    recipe = load_recipe(ROOT / "recipes/tiny_cpu.yaml")
+    assert deepspeed_config(recipe, 1)["compile"] == {"deepcompile": False}
+    recipe = load_recipe(ROOT / "recipes/tiny_cpu.yaml", ["zero.compile=true", "zero.deepcompile=true"])
+    assert deepspeed_config(recipe, 1)["compile"] == {"deepcompile": True}
