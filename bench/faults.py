@@ -66,16 +66,18 @@ class Kill:
         return f"{self.target}, {self.moment} {self.step} +{self.delay:.3f} s"
 
 
-def interrupt(run_dir: Path, data_dir: Path, kill: Kill,
-              timeout: float = 600) -> tuple[subprocess.CompletedProcess, str]:
-    """Launch the run and SIGKILL `kill.target` at `kill`'s moment; returns the launcher's exit code and output,
-    and what the run was found doing just before the kill.
+def interrupt(run_dir: Path, data_dir: Path, kill: Kill, timeout: float = 600,
+              cmd: list[str] | None = None) -> tuple[subprocess.CompletedProcess, str]:
+    """Launch the run (`command(run_dir, data_dir)`, or `cmd`: another trainer command writing to `run_dir`) and
+    SIGKILL `kill.target` at `kill`'s moment; returns the launcher's exit code and output, and what the run was found
+    doing just before the kill.
 
-    Moment "step": `latest` names the step before (the step's own work is about to begin). Moment "save": the step's
-    temporary checkpoint directory exists (its files are being written), or the save is already over."""
+    Moment "step": `latest` names a step at or after the one before (the step's own work is about to begin, or has
+    begun: with a checkpoint every k steps, `latest` moves in jumps). Moment "save": the step's temporary checkpoint
+    directory exists (its files are being written), or the save is already over."""
     ckpt_dir = run_dir / "checkpoints"
     with open(run_dir.parent / f"{run_dir.name}.log", "w+") as log:
-        launcher = subprocess.Popen(command(run_dir, data_dir), cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+        launcher = subprocess.Popen(cmd or command(run_dir, data_dir), cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
                                     text=True, start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
         deadline = time.monotonic() + timeout
         while not _reached(ckpt_dir, kill):

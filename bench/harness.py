@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -23,7 +24,17 @@ from polyak import metrics
 from polyak.recipe import Recipe
 
 ROOT = Path(__file__).resolve().parent.parent
-DEEPSPEED = Path(sys.executable).parent / "deepspeed"
+
+
+def _deepspeed() -> Path:
+    """DeepSpeed's launcher for this Python: beside the interpreter (a venv), else on PATH (wheels installed with
+    `pip install --target`, as on the GPU machine: bench/gpu.sh)."""
+    beside = Path(sys.executable).parent / "deepspeed"
+    found = shutil.which("deepspeed")
+    return beside if beside.exists() or found is None else Path(found)
+
+
+DEEPSPEED = _deepspeed()
 
 # The embedded default recipe, shrunk so that a multi-rank run takes seconds; with a power EMA beside its EMA and
 # LAWA, and a scheduled snapshot every 4 steps.
