@@ -2,7 +2,7 @@
 
     bash bench/gpu.sh [OPTIONS]                  # on the GPU machine: installs the carried wheels (.whl), then this
     python -m bench.gpu --out DIR [--budget S] [--only P,Q] [--skip P,Q] [--work DIR]
-    python -m bench.gpu --cpu --out DIR          # the same logic on CPU ranks with a tiny model (tests/test_gpu_bench.py)
+    python -m bench.gpu --cpu --out DIR          # the same on CPU ranks, a tiny model (tests/test_gpu_bench.py)
 
 Everything runs on the standard-library corpus (`data.source: stdlib`, a 4096-token BPE; no hub access needed),
 prepared once. Phases, in this order; each starts only if the time budget (--budget, from this script's start) still
@@ -19,8 +19,9 @@ left, and timed loops stop at the phase's deadline, keeping what they measured:
                     bitwise, else the largest differences, before and after the resume point;
                   - logits: the exports (averaging.consolidate) of raw, EMA and LAWA in transformers' LlamaForCausalLM
                     against our model on held-out tokens, in fp32 and in bf16;
-                  - offload_wait: on the same engine, Averager.update on the training thread (median, max) against
-                    the step, and how often it waited for the host worker, with every average sampled every step.
+                  - offload_wait: on an engine built the same way, Averager.update on the training thread (median,
+                    max) against the step, and how often it waited for the host worker, with the run's averaging
+                    (every 5 steps; every step at 1B is measured by ds); judged on the GPU only.
   ds              the `1b` recipe's model (seq 2048, micro-batch 8, bf16) in the DeepSpeed ZeRO-3 engine
                   (launch/engine.py) on one GPU, timed in blocks on one engine: no averaging; EMA + LAWA every step
                   with offload cpu; EMA alone every step, offload cpu; the averaging of recipes/1b_lawa.yaml (every
@@ -60,16 +61,14 @@ from pathlib import Path
 import torch
 import yaml
 
-if __package__ in (None, ""):  # run as a script: the repository root is the import root
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from bench.faults import Kill, interrupt, last_records  # noqa: E402
-from bench.gpu_report import goals, render  # noqa: E402
-from bench.harness import DEEPSPEED, ROOT, free_port, full_average, rank_states, run_cli  # noqa: E402
-from polyak import checkpoints  # noqa: E402
-from polyak.recipe import load_recipe  # noqa: E402
+from bench.faults import Kill, interrupt, last_records
+from bench.gpu_report import goals, render
+from bench.harness import DEEPSPEED, ROOT, bits, free_port, full_average, rank_states, run_cli
+from polyak import checkpoints
+from polyak.recipe import load_recipe
 
 TINY = "recipes/tiny_cpu.yaml"  # the correctness run's base recipe
+ORACLE_TOLERANCE = 1e-6  # the online averages against the offline oracle, as tests/test_gpu_paths.py
 SPEED = "recipes/1b.yaml"  # the speed phases' model, batch and ZeRO settings
 PHASES = ["correctness", "ds", "anchor_compile", "ds_persist", "ds_deepcompile"]
 ON_REQUEST = ["anchor_eager", "ds_compile"]
@@ -141,7 +140,7 @@ GPU = Mode(
     speed=COMMON + ["data.seq_len=2048", "train.micro_batch=8", "train.steps=100000"],
     # LAWA every step at 1B writes a 4 GB snapshot each step (seconds): few timed steps show it.
     steps={"plain": (3, 10, 30), "recipe_1b_lawa": (2, 20, 40), "every_1": (1, 4, 25), "deepcompile": (7, 10, 30),
-           "offload_every_1": (3, 20, 30)},
+           "offload": (3, 20, 30)},
     blocks=SPEED_BLOCKS,
     need={"correctness": 150, "ds": 90, "anchor_compile": 150, "ds_persist": 60, "ds_deepcompile": 200,
           "anchor_eager": 40, "ds_compile": 150},
@@ -158,7 +157,7 @@ CPU = Mode(
     correctness=COMMON + CORRECTNESS + SMALL_MODEL + ["data.seq_len=64", "train.micro_batch=4", "train.lr=0.01"],
     speed=COMMON + SMALL_MODEL + ["data.seq_len=64", "train.micro_batch=4", "train.steps=100000"],
     steps={"plain": (2, 3, 30), "recipe_1b_lawa": (1, 10, 30), "every_1": (1, 3, 30), "deepcompile": (1, 3, 30),
-           "offload_every_1": (1, 5, 30)},
+           "offload": (1, 10, 30)},
     blocks={"ds": ["plain", "ema_lawa_cpu", "ema_cpu", "recipe_1b_lawa", "ema_lawa_none", "ema_none"],
             "ds_persist": ["plain", "ema_cpu"], "ds_deepcompile": ["plain"], "ds_compile": ["plain"],
             "anchor_compile": ["plain"], "anchor_eager": ["plain"]},
@@ -171,7 +170,7 @@ CPU = Mode(
 
 def block_spec(mode: Mode, phase: str, name: str) -> dict:
     kind = ("deepcompile" if phase == "ds_deepcompile" and name == "plain" else
-            name if name in ("plain", "recipe_1b_lawa", "offload_every_1") else "every_1")
+            name if name in ("plain", "recipe_1b_lawa", "offload") else "every_1")
     warmup, steps, max_s = mode.steps[kind]
     return {"name": name, "sets": block_sets(name) if name in SPEED_BLOCKS["ds"] else [], "averaging": name != "plain",
             "warmup": warmup, "steps": steps, "max_s": max_s}
@@ -186,7 +185,7 @@ class Run:
         out.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(work, ignore_errors=True)
         (work / "logs").mkdir(parents=True)
-        self.logfile = open(out / "gpu_bench.log", "w")
+        self.logfile = open(out / "gpu_bench.log", "w")  # noqa: SIM115 - written all run long, closed by close()
         self.data_dir = work / "data"
         self.results = {"schema": 1, "mode": mode.name, "command": " ".join(argv),
                         "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -216,6 +215,8 @@ class Run:
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false", **(extra or {})}
         if self.mode.name == "cpu":
             env["CUDA_VISIBLE_DEVICES"] = ""  # the dry run stays on CPU ranks even on a machine with a GPU
+            # One thread a process: its runs go side by side, and a tiny model gains nothing from more.
+            env["OMP_NUM_THREADS"] = "1"
         return env
 
     def trainer(self, sets: list[str], run_dir: Path) -> list[str]:
@@ -288,8 +289,8 @@ def environment(run: Run) -> dict:
     env["work_disk_free_gib"] = round(shutil.disk_usage(run.work).free / 2**30, 1)
     env["git_commit"] = _quiet(["git", "rev-parse", "HEAD"])
     if run.mode.name == "gpu":
-        env["nvidia_smi"] = _quiet(["nvidia-smi", "--query-gpu=name,driver_version,memory.total,clocks.max.sm,"
-                                    "power.limit", "--format=csv,noheader"])
+        query = "name,driver_version,memory.total,clocks.max.sm,power.limit"
+        env["nvidia_smi"] = _quiet(["nvidia-smi", f"--query-gpu={query}", "--format=csv,noheader"])
         probe = run.worker("probe", {"kind": "probe"}, time.monotonic() + 60)
         env["probe"] = {k: v for k, v in probe.items() if k not in ("blocks", "notes")}
     return env
@@ -297,7 +298,8 @@ def environment(run: Run) -> dict:
 
 def _quiet(cmd: list[str]) -> str | None:
     try:
-        return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=30).stdout.strip() or None
+        return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=30,
+                              check=False).stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
         return None
 
@@ -319,15 +321,16 @@ def correctness(run: Run, deadline: float) -> dict:
     recipe = load_recipe(ROOT / TINY, sets)
     out = {"status": "running", "recipe": TINY, "sets": sets, "checks": {}}
     checks = out["checks"]
-    left = lambda: max(30, int(deadline - time.monotonic()))  # noqa: E731
 
-    # The initial weights θ0 for the oracle, then the offload timing on the same engine.
+    def left() -> int:  # seconds a subprocess may still take
+        return max(30, int(deadline - time.monotonic()))
+
+    # The initial weights θ0 for the oracle, then the offload timing on the same engine: steps without averaging,
+    # then steps with the run's own averaging (an EMA and a LAWA every 5 steps, offloaded). Every step at 1B: ds.
     theta0 = work / "theta0.safetensors"
     spec = {"kind": "ds", "recipe": TINY, "sets": sets + [f"run.dir={work / 'timing'}"], "theta0": str(theta0),
             "work": str(work / "timing"),
-            "blocks": [block_spec(run.mode, "ds", "plain"),
-                       {**block_spec(run.mode, "ds", "offload_every_1"), "averaging": True,
-                        "sets": ["averaging.ema.every=1", "averaging.lawa.every=1"]}]}
+            "blocks": [block_spec(run.mode, "ds", "plain"), block_spec(run.mode, "ds", "offload")]}
     timing = run.worker("correctness_theta0", spec, deadline)
     checks["offload_wait"] = offload_check(timing)
     run.log(f"correctness: θ0 and offload timing: {timing['status']} ({timing['wall_s']} s)")
@@ -362,8 +365,10 @@ def correctness(run: Run, deadline: float) -> dict:
     _keep_log(run, "correctness_b_resumed", resumed.stdout + resumed.stderr)
     checks["resume"] = guarded(resume_check, a_dir, b_dir, killed, phase, latest_at_kill, resumed, kill,
                                run.mode.name == "cpu")
-    passed = all(checks[name].get("passed") for name in ("oracle", "resume", "logits"))
-    out["status"] = "passed" if passed else "failed"
+    # The timing is judged on the GPU only: the CPU dry run shares its cores with other jobs.
+    judged = ["oracle", "resume", "logits"] + (["offload_wait"] if run.mode.name == "gpu" else [])
+    checks["offload_wait"]["judged"] = "offload_wait" in judged
+    out["status"] = "passed" if all(checks[name].get("passed") for name in judged) else "failed"
     return out
 
 
@@ -383,7 +388,7 @@ def guarded(check, *args) -> dict:
 
 def offload_check(timing: dict) -> dict:
     blocks = timing.get("blocks", {})
-    block, plain = blocks.get("offload_every_1", {}), blocks.get("plain", {})
+    block, plain = blocks.get("offload", {}), blocks.get("plain", {})
     if block.get("status") != "ok":
         return {"passed": False, "error": timing.get("error") or block.get("reason") or "no timed steps",
                 "worker_status": timing.get("status")}
@@ -401,23 +406,26 @@ def offload_check(timing: dict) -> dict:
 
 
 def oracle_check(run_dir: Path, recipe, theta0_path: Path) -> dict:
-    """The online averages of the last checkpoint against the same averages replayed from zero_to_fp32 of every
-    checkpoint that holds a sample, starting from θ0 (as tests/test_pretrain.py does with a checkpoint every step)."""
+    """The online averages of the last checkpoint against their definitions applied offline, in float64, to
+    DeepSpeed's zero_to_fp32 of every checkpoint that holds a sample, from θ0 (tests/oracles.py does the same with
+    a checkpoint every step; θ0 here comes from an engine built as the trainer builds it, on the same device: on a
+    GPU zero.Init draws the initial weights there, so a CPU-built model would not give them). The error of a tensor
+    is relative to its largest element; the tests' bound, 1e-6, is fp32 rounding."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
     from safetensors.torch import load_file
 
     ckpt = run_dir / "checkpoints"
     saved = checkpoints.saved_steps(ckpt)
     last = recipe.train.steps
-    theta0 = load_file(theta0_path)
+    theta0 = {k: v.double() for k, v in load_file(theta0_path).items()}
     cfgs = recipe.averaging.averages
     samples = {name: [s for s in range(1, last + 1) if s % c.every == 0] for name, c in cfgs.items()}
-    out = {"passed": True, "checkpoints": saved, "tolerance": "rtol 1e-6, atol 1e-7 (fp32 arithmetic, as the tests)",
-           "averages": {}}
+    out = {"passed": True, "checkpoints": saved, "tolerance": ORACLE_TOLERANCE, "averages": {}}
     fulls = {}
     for step in sorted({s for name in samples for s in samples[name]}):
         if step in saved:
-            fulls[step] = get_fp32_state_dict_from_zero_checkpoint(str(ckpt), tag=checkpoints.tag_of(step))
+            fulls[step] = {k: v.double() for k, v in get_fp32_state_dict_from_zero_checkpoint(
+                str(ckpt), tag=checkpoints.tag_of(step)).items()}
     final = ckpt / checkpoints.tag_of(last)
     for name, cfg in cfgs.items():
         missing = [s for s in samples[name] if s not in fulls]
@@ -437,11 +445,11 @@ def oracle_check(run_dir: Path, recipe, theta0_path: Path) -> dict:
             out["averages"][name] = {"checked": True, "passed": False, "error": "different parameter names"}
             out["passed"] = False
             continue
-        close = all(torch.allclose(online[k], oracle[k].float(), rtol=1e-6, atol=1e-7) for k in oracle)
-        diff = max((online[k] - oracle[k].float()).abs().max().item() for k in oracle)
-        scale = max(oracle[k].abs().max().item() for k in oracle)
+        error = max(((online[k].double() - oracle[k]).abs().max() / oracle[k].abs().max().clamp_min(1e-30)).item()
+                    for k in oracle)
+        close = error < ORACLE_TOLERANCE
         out["averages"][name] = {"checked": True, "passed": close, "kind": cfg.kind, "samples": samples[name],
-                                 "max_abs_diff": diff, "max_abs_value": scale}
+                                 "relative_error": error}
         out["passed"] &= close
     if not any(a.get("checked") for a in out["averages"].values()):
         out["passed"] = False
@@ -494,12 +502,9 @@ def logits_check(run_dir: Path, recipe, run: Run, work: Path) -> dict:
                 hf[dtype] = model(tokens).logits.float()
                 del model
 
-        def rel(x):
-            return ((x - reference).norm() / reference.norm()).item()
-
-        entry = {"export_equals_checkpoint": same, "hf_fp32": rel(hf[torch.float32]),
-                 "hf_bf16": rel(hf[torch.bfloat16]), "ours_bf16": rel(ours_bf16),
-                 "hf_bf16_vs_ours_bf16": ((hf[torch.bfloat16] - ours_bf16).norm() / ours_bf16.norm()).item(),
+        entry = {"export_equals_checkpoint": same, "hf_fp32": _relative(hf[torch.float32], reference),
+                 "hf_bf16": _relative(hf[torch.bfloat16], reference), "ours_bf16": _relative(ours_bf16, reference),
+                 "hf_bf16_vs_ours_bf16": _relative(hf[torch.bfloat16], ours_bf16),
                  "top1_agreement_hf_bf16": (hf[torch.bfloat16].argmax(-1) == reference.argmax(-1)).float().mean()
                  .item()}
         entry["passed"] = same and entry["hf_fp32"] <= 1e-4 and entry["hf_bf16"] <= tol
@@ -511,6 +516,11 @@ def logits_check(run_dir: Path, recipe, run: Run, work: Path) -> dict:
     return out
 
 
+def _relative(x: torch.Tensor, reference: torch.Tensor) -> float:
+    """‖x − reference‖ / ‖reference‖ (METHOD.md's measure for a comparison against a reference)."""
+    return ((x - reference).norm() / reference.norm()).item()
+
+
 def differences(a, b, path: str = "") -> list[tuple[str, float]]:
     """Where two nested states (tensors in dicts, lists, objects) differ, with the largest absolute difference of
     each differing tensor (inf where it is not a number: a shape, a key, a non-float value)."""
@@ -518,10 +528,12 @@ def differences(a, b, path: str = "") -> list[tuple[str, float]]:
         if not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)) or a.shape != b.shape \
                 or a.dtype != b.dtype:
             return [(path, math.inf)]
-        if torch.equal(a, b):
+        same = bits(a) == bits(b)  # by their bits, as the tests compare: ZeRO-3's padding can hold the same NaN
+        if bool(same.all()):
             return []
         if a.is_floating_point():
-            return [(path, (a.double() - b.double()).abs().max().item())]
+            diff = (a.double() - b.double()).abs().masked_fill(same, 0).nan_to_num(nan=math.inf)
+            return [(path, diff.max().item())]
         return [(path, math.inf)]
     if isinstance(a, dict) and isinstance(b, dict):
         if a.keys() != b.keys():

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU benchmark on the lent GPU machine (one H200): install the carried wheels, then python3 -m bench.gpu into $OUT.
-#   run: command "bash bench/gpu.sh", carry [".whl"]; options go to bench/gpu.py (e.g. --budget 300 --only ds_deepcompile)
+#   run: command "bash bench/gpu.sh --budget 480", carry [".whl"], timeout_s 600; options go to bench/gpu.py
 # The image has torch with CUDA but not deepspeed, hjson, pydantic, datasets' dill and multiprocess: they travel as
 # wheels in .whl (git-ignored), installed into /tmp/site (kept while the machine stays warm).
 set -uo pipefail

@@ -79,10 +79,10 @@ def render(results: dict) -> str:
     probe = env.get("probe", {})
     device = probe.get("device") or ("CPU" if results["mode"] == "cpu" else "?")
     lines = [f"# GPU benchmark ({results['mode']} mode): {device}", "",
-             f"Started {results['started']}, {results['elapsed_s']:.0f} s of a {results['budget_s']:.0f} s budget. "
-             f"`{results['command']}`", "",
-             f"Python {env.get('python')}, torch {env.get('torch')} (CUDA {env.get('cuda')}), deepspeed "
-             f"{env.get('deepspeed')}, transformers {env.get('transformers')}; {env.get('cpus')} CPUs."]
+             (f"Started {results['started']}, {results['elapsed_s']:.0f} s of a {results['budget_s']:.0f} s budget. "
+              f"`{results['command']}`"), "",
+             (f"Python {env.get('python')}, torch {env.get('torch')} (CUDA {env.get('cuda')}), deepspeed "
+              f"{env.get('deepspeed')}, transformers {env.get('transformers')}; {env.get('cpus')} CPUs.")]
     if probe.get("matmul_bf16_tflops"):
         lines.append(f"Measured here: bf16 8192³ matmul {probe['matmul_bf16_tflops']:.0f} TFLOP/s, pinned "
                      f"device→host copy {probe['d2h_pinned_gb_s']:.1f} GB/s; nvidia-smi: {env.get('nvidia_smi')}.")
@@ -98,17 +98,17 @@ def render(results: dict) -> str:
     if checks:
         lines += ["| check | passed | detail |", "|---|---|---|"]
         o = checks.get("oracle", {})
-        detail = "; ".join(f"{n}: max abs diff {_f(a.get('max_abs_diff'), '.2e')} over samples {a.get('samples')}"
+        detail = "; ".join(f"{n}: relative error {_f(a.get('relative_error'), '.1e')} over samples {a.get('samples')}"
                            if a.get("checked") else f"{n}: not checked ({a.get('why')})"
                            for n, a in o.get("averages", {}).items()) or o.get("error", "")
-        lines.append(f"| online averages = offline oracle (zero_to_fp32 of each checkpoint) | {o.get('passed')} | "
-                     f"{detail} |")
+        lines.append(f"| online averages = offline oracle (zero_to_fp32 of each checkpoint; relative error < "
+                     f"{o.get('tolerance')}) | {o.get('passed')} | {detail} |")
         r = checks.get("resume", {})
         if "checkpoints" in r:
+            before, after = r.get("max_loss_diff_before_resume"), r.get("max_loss_diff_after_resume")
             parts = [f"{r['kill']}, killed {r['killed_while']}, resumed from step {r['resumed_from']}",
                      "bitwise identical" if r.get("bitwise") else r.get("note", ""),
-                     f"loss max abs diff before / after the resume point: {_f(r.get('max_loss_diff_before_resume'), '.3g')}"
-                     f" / {_f(r.get('max_loss_diff_after_resume'), '.3g')}"]
+                     f"loss max abs diff before / after the resume point: {_f(before, '.3g')} / {_f(after, '.3g')}"]
             for tag, compared in r["checkpoints"].items():
                 parts.append(f"{tag}: " + ", ".join(f"{k} {_f(v['max_abs_diff'], '.3g')}"
                                                     for k, v in compared.items()))
@@ -121,8 +121,9 @@ def render(results: dict) -> str:
                            f"{_f(w['ours_bf16'], '.1e')}), top-1 {w['top1_agreement_hf_bf16']:.3f}"
                            + ("" if w["export_equals_checkpoint"] else ", EXPORT DIFFERS FROM THE CHECKPOINT")
                            for n, w in lg.get("weights", {}).items()) or lg.get("error", "")
+        bound = lg.get("tolerance", {}).get("bf16")
         lines.append(f"| exports in transformers: logits within tolerance (relative L2 against our fp32 model; "
-                     f"fp32 ≤ 1e-4, bf16 ≤ {lg.get('tolerance', {}).get('bf16')}) | {lg.get('passed')} | {detail} |")
+                     f"fp32 ≤ 1e-4, bf16 ≤ {bound}) | {lg.get('passed')} | {detail} |")
         w = checks.get("offload_wait", {})
         if "update_s_median" in w:
             detail = (f"update {w['update_s_median'] * 1e3:.2f} ms median, {w['update_s_max'] * 1e3:.2f} ms max, "
@@ -133,8 +134,11 @@ def render(results: dict) -> str:
                 detail += f"; step {w['step_overhead']:+.1%} against no averaging"
         else:
             detail = w.get("error", "")
-        lines.append(f"| offload never makes the training thread wait (every average sampled every step) | "
-                     f"{w.get('passed')} | {detail} |")
+        every = sorted({a["every"] for a in (w.get("averages") or {}).values()})
+        judged = "" if w.get("judged", True) else " (not judged: the CPU's timings mean nothing)"
+        lines.append(f"| offload never makes the training thread wait ({', '.join(w.get('averages') or [])} every "
+                     f"{'/'.join(map(str, every))} steps, offload {w.get('offload')}) | {w.get('passed')}{judged} | "
+                     f"{detail} |")
 
     model = results["speed"].get("model")
     lines += ["", "## Speed", ""]
@@ -147,8 +151,8 @@ def render(results: dict) -> str:
         lines.append("")
     anchor = results["speed"]["variants"].get("anchor_compile", {}).get("blocks", {}).get("plain", {})
     anchor_tps = anchor.get("tokens_per_s") if anchor.get("status") == "ok" else None
-    lines += ["| variant | averaging | tokens/s | MFU | step (median) | peak memory | vs anchor | averaging update: "
-              "median / max, share of the step | waits for the worker | status |",
+    lines += [("| variant | averaging | tokens/s | MFU | step (median) | peak memory | vs anchor | averaging update: "
+               "median / max, share of the step | waits for the worker | status |"),
               "|---|---|---:|---:|---:|---:|---:|---|---|---|"]
     for phase, name, block, res in rows(results):
         ok = block.get("status") == "ok"
@@ -162,7 +166,8 @@ def render(results: dict) -> str:
         waits = block.get("worker", {})
         lines.append(
             f"| {DESCRIPTIONS.get(phase, phase)} | {BLOCKS_DESCRIBED.get(name, name)} | "
-            f"{_f(block.get('tokens_per_s') if ok else None, ',.0f')} | {_f(block.get('mfu') if ok else None, '.1%')} | "
+            f"{_f(block.get('tokens_per_s') if ok else None, ',.0f')} | "
+            f"{_f(block.get('mfu') if ok else None, '.1%')} | "
             f"{_f(block.get('step_s_median') * 1e3 if ok else None, '.0f', ' ms')} | "
             f"{_f(block.get('peak_mem_gib'), '.1f', ' GiB')} | "
             f"{_f(block['tokens_per_s'] / anchor_tps if ok and anchor_tps else None, '.3f')} | {upd} | "

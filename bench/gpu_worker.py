@@ -22,6 +22,7 @@ worker stopped from outside still leaves what it measured.
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import shutil
@@ -136,6 +137,8 @@ def run_block(block: dict, step_fn, device: torch.device, info: dict, deadline: 
         out["averaging_bytes"] = averager.nbytes
         out["averages"] = {name: averager.cfg.averages[name].__dict__ for name in averager.names}
         out["offload"] = averager.cfg.offload
+        del averager
+        gc.collect()  # its buffers (gigabytes of pinned host memory at 1B parameters) go before the next block's
     if device.type == "cuda":
         out["peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / GiB
         out["peak_reserved_gib"] = torch.cuda.max_memory_reserved(device) / GiB
@@ -180,6 +183,10 @@ def ds_worker(spec: dict, result: Result) -> None:
         # DeepCompile's native op (deepspeed/ops/csrc/compile) is built just in time on first use: time it apart.
         from deepspeed.compile.util import get_deepcompile_handle
 
+        include = _nccl_include()  # its sources include torch's NCCL headers, which include nccl.h
+        if include:
+            os.environ["CPATH"] = os.pathsep.join(filter(None, [include, os.environ.get("CPATH")]))
+        r["deepcompile_nccl_include"] = include
         b0 = time.perf_counter()
         get_deepcompile_handle()
         r["deepcompile_op_build_s"] = time.perf_counter() - b0
@@ -200,9 +207,10 @@ def ds_worker(spec: dict, result: Result) -> None:
         block_dir = work / block["name"]
         shutil.rmtree(block_dir, ignore_errors=True)
         averaging = load_recipe(spec["recipe"], spec["sets"] + block.get("sets", [])).averaging
+        wanted = block.get("averaging", True) and bool(averaging.averages)
 
-        def make_averager(averaging=averaging, block_dir=block_dir, wanted=block.get("averaging", True)):
-            if not (wanted and averaging.averages):
+        def make_averager(averaging=averaging, block_dir=block_dir, wanted=wanted):
+            if not wanted:
                 return None, None
             return zero.averager(averaging, engine, block_dir), engine
 
@@ -215,6 +223,18 @@ def ds_worker(spec: dict, result: Result) -> None:
         shutil.rmtree(block_dir, ignore_errors=True)  # a LAWA's snapshots: gigabytes at 1B parameters
         result.save()
     r["graph_breaks"] = _graph_breaks()
+
+
+def _nccl_include() -> str | None:
+    """The folder of nccl.h in the nvidia-nccl wheel beside torch, if any: not on a compiler's default path."""
+    import glob
+    import importlib.util
+
+    spec = importlib.util.find_spec("nvidia")
+    for root in (spec.submodule_search_locations or []) if spec else []:
+        for header in sorted(glob.glob(os.path.join(root, "**", "include", "nccl.h"), recursive=True)):
+            return os.path.dirname(header)
+    return None
 
 
 def anchor_worker(spec: dict, result: Result) -> None:

@@ -40,9 +40,10 @@ def test_the_correctness_checks_pass_on_cpu(dry_run):
     assert logits["passed"] and set(logits["weights"]) == {"raw", "ema", "lawa"}
     for entry in logits["weights"].values():
         assert entry["export_equals_checkpoint"] and entry["hf_fp32"] <= 1e-4 and 0 < entry["hf_bf16"] <= 3e-2
-    wait = checks["offload_wait"]  # timed, not asserted: CI machines are shared
-    assert wait["timed_steps"] >= 1 and wait["waits"] is not None and wait["update_s_median"] > 0
-    assert wait["offload"] == "cpu" and {a["every"] for a in wait["averages"].values()} == {1}
+    wait = checks["offload_wait"]  # timed, not judged: CI machines are shared
+    assert not wait["judged"] and wait["timed_steps"] >= 1 and wait["waits"] is not None
+    assert wait["update_s_median"] > 0 and wait["worker_jobs"] >= 1
+    assert wait["offload"] == "cpu" and {a["every"] for a in wait["averages"].values()} == {5}
 
 
 def test_every_speed_variant_is_measured_or_skipped_with_a_reason(dry_run):
