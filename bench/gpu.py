@@ -675,7 +675,7 @@ def main(argv: list[str] | None = None) -> int:
                 run.results["speed"]["variants"][phase] = entry
                 if entry.get("model") and not run.results["speed"]["model"]:
                     run.results["speed"]["model"] = entry["model"]
-                shutil.rmtree(run.work / phase, ignore_errors=True)
+            shutil.rmtree(run.work / phase, ignore_errors=True)  # checkpoints and snapshots: gigabytes on a GPU
             run.save()
         if "correctness" not in chosen:
             run.results["correctness"] = {"status": "skipped", "reason": "not among the phases asked for"}
