@@ -169,17 +169,12 @@ def _summary(times: list[float], updates: list[float] | None, info: dict) -> dic
 
 def ds_worker(spec: dict, result: Result) -> None:
     from averaging import zero
-    from data.loader import TokenWindows, TrainBatches, load_meta
-    from launch.dist import init_distributed
-    from launch.engine import build, train_step
+    from bench.harness import trainer
     from polyak.recipe import load_recipe
 
-    t0 = time.perf_counter()
     recipe = load_recipe(spec["recipe"], spec["sets"])
-    device = init_distributed()
-    world = torch.distributed.get_world_size()
     r = result.data
-    if recipe.zero.deepcompile and device.type == "cuda":
+    if recipe.zero.deepcompile and torch.cuda.is_available():
         # DeepCompile's native op (deepspeed/ops/csrc/compile) is built just in time on first use: time it apart.
         from deepspeed.compile.util import get_deepcompile_handle
 
@@ -190,8 +185,10 @@ def ds_worker(spec: dict, result: Result) -> None:
         b0 = time.perf_counter()
         get_deepcompile_handle()
         r["deepcompile_op_build_s"] = time.perf_counter() - b0
-    engine, _, args = build(recipe, load_meta(recipe.data.dir)["vocab_size"], world, device)
-    r["model"] = info = _model_info(recipe, args, device, world)
+    t0 = time.perf_counter()
+    run = trainer(recipe)  # the engine and batches as launch/pretrain.py builds them (bench/harness.py)
+    engine, device = run.engine, run.device
+    r["model"] = info = _model_info(recipe, run.model_args, device, torch.distributed.get_world_size())
     r["setup_s"] = time.perf_counter() - t0
     if spec.get("theta0"):
         from safetensors.torch import save_file
@@ -199,9 +196,6 @@ def ds_worker(spec: dict, result: Result) -> None:
         full = zero.layout(engine).rebuild([[t.detach().float().cpu() for t in zero.master_partitions(engine)]])
         save_file({k: v.contiguous() for k, v in full.items()}, spec["theta0"])
     result.save()
-    t = recipe.train
-    batches = TrainBatches(TokenWindows(recipe.data.dir, "train", recipe.data.seq_len), 0, world, t.micro_batch,
-                           t.seed)
     work = Path(spec["work"])
     for block in spec["blocks"]:
         block_dir = work / block["name"]
@@ -218,8 +212,8 @@ def ds_worker(spec: dict, result: Result) -> None:
             r["blocks"][name] = partial
             result.save()
 
-        r["blocks"][block["name"]] = run_block(block, lambda: train_step(engine, batches, t.grad_accum, device),
-                                               device, info, spec["deadline"], make_averager, on_step)
+        r["blocks"][block["name"]] = run_block(block, run.step, device, info, spec["deadline"], make_averager,
+                                               on_step)
         shutil.rmtree(block_dir, ignore_errors=True)  # a LAWA's snapshots: gigabytes at 1B parameters
         result.save()
     r["graph_breaks"] = _graph_breaks()
