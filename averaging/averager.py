@@ -78,6 +78,7 @@ class Averager:
         self.stream = torch.cuda.Stream(initial[0].device) if on_cuda and self.staging else None
         self.worker = ThreadPoolExecutor(1, thread_name_prefix="averaging") if self.staging else None
         self.pending: list[Future] = []
+        self.copied: torch.cuda.Event | None = None  # the last device→host copy, until the optimizer waits for it
         self.times = WorkerTimes()
 
     @property
@@ -242,17 +243,24 @@ class Averager:
         if self.stream is None:
             torch._foreach_copy_(self.staging, partitions)
             return None
-        # Copy on a side stream once the optimizer step has written the partitions; the training stream then
-        # orders its later work (the next optimizer step) after the copy, without the host ever waiting.
+        # Copy on a side stream once the optimizer step has written the partitions. The next forward and backward
+        # only read the compute partitions, so they overlap the copy; the next optimizer step, which writes these
+        # partitions again, waits for it on the device (fence), the host never does.
         main = torch.cuda.current_stream(partitions[0].device)
         self.stream.wait_stream(main)
         with torch.cuda.stream(self.stream):
             for dst, src in zip(self.staging, partitions):
                 dst.copy_(src, non_blocking=True)
-            copied = torch.cuda.Event()
-            copied.record()
-        main.wait_event(copied)
-        return copied
+            self.copied = torch.cuda.Event()
+            self.copied.record()
+        return self.copied
+
+    def fence(self) -> None:
+        """Call before the optimizer writes the partitions again: the current stream waits, on the device, for the
+        last copy of them to the host (zero.averager hooks it to the optimizer's step)."""
+        if self.copied is not None:
+            torch.cuda.current_stream(self.stream.device).wait_event(self.copied)
+            self.copied = None
 
     def _host_work(self, step: int, names: list[str], scheduled: bool, copied: torch.cuda.Event | None) -> None:
         """The worker's part of an update: the host averages' samples, then the snapshot of this step."""

@@ -65,7 +65,10 @@ def averager(cfg: AveragingConfig, engine, run_dir: Path, snapshots: SnapshotCon
     store = None
     if snapshots.every or any(a.kind == "lawa" for a in cfg.averages.values()):
         store = SnapshotStore(run_dir / "snapshots", snapshots, partition_layout, me, run_dir / "checkpoints")
-    return Averager(cfg, master_partitions(engine), partition_layout, me, store, agree=_sum_over_ranks)
+    averager = Averager(cfg, master_partitions(engine), partition_layout, me, store, agree=_sum_over_ranks)
+    # DeepSpeed steps the wrapped torch optimizer once per partition; each step writes the master partitions.
+    engine.optimizer.optimizer.register_step_pre_hook(lambda optimizer, args, kwargs: averager.fence())
+    return averager
 
 
 def _sum_over_ranks(flag: torch.Tensor) -> torch.Tensor:

@@ -152,9 +152,11 @@ def test_posthoc_over_snapshots_equals_the_average_of_the_checkpoints(run2, tmp_
 
 @pytest.mark.slow
 def test_a_checkpoint_carries_one_partition_per_average(run2):
-    """The EMA's average and the LAWA's running sum: 2 partitions a rank, whatever LAWA's window."""
+    """The EMA's and the power EMA's averages and the LAWA's running sum: 3 partitions a rank, whatever LAWA's
+    window."""
     saved = SavedAverages(run2 / "checkpoints" / "global_step12")
+    assert sorted(saved.names) == ["ema", "lawa", "p10"]
     numel = sum(saved.layout.partition_numel(g) for g in range(len(saved.layout.groups)))
     for rank in range(2):
-        header = rank_file(run2 / "checkpoints" / "global_step12", rank).stat().st_size - 2 * 4 * numel
+        header = rank_file(run2 / "checkpoints" / "global_step12", rank).stat().st_size - 3 * 4 * numel
         assert 0 < header < 4096
