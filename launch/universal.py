@@ -18,6 +18,7 @@ import shutil
 from pathlib import Path
 
 import deepspeed.comm as dist
+import torch
 from deepspeed.checkpoint import ds_to_universal
 
 from polyak import checkpoints
@@ -62,13 +63,19 @@ class UniversalEngine:
         self.saved_config = None  # the DeepSpeed config of the run that wrote the checkpoint, once loaded
 
     def load_checkpoint(self, load_dir, tag=None, **kwargs):
-        # DeepSpeed 0.19.8's universal ZeRO-3 load gives every param group the hyperparameters of group 0 (stage3.py,
-        # load_hp_checkpoint_state_from_checkpoint_dir_stage3); ours differ in weight decay, so each gets its own back.
-        groups = self.engine.optimizer.optimizer.param_groups
-        weight_decay = [group["weight_decay"] for group in groups]
+        # DeepSpeed 0.19.8's universal ZeRO-3 load (stage3.py, load_hp_checkpoint_state_from_checkpoint_dir_stage3)
+        # gives every param group the hyperparameters of group 0 (ours differ in weight decay: each gets its own
+        # back) and one `step` tensor for all (Adam increments it in place, once per group: each gets its own copy,
+        # or bias correction would run ahead for the rest of the run).
+        zero = self.engine.optimizer
+        weight_decay = [group["weight_decay"] for group in zero.optimizer.param_groups]
         path, client_state = self.engine.load_checkpoint(str(self.directory), tag=tag, **kwargs)
-        for group, value in zip(groups, weight_decay):
+        for group, value in zip(zero.optimizer.param_groups, weight_decay):
             group["weight_decay"] = value
+        for flat in zero.fp32_partitioned_groups_flat:  # the load empties the groups' params: ZeRO-3 sets them per step
+            state = zero.optimizer.state[flat]
+            if torch.is_tensor(state.get("step")):
+                state["step"] = state["step"].clone()
         self.saved_config = client_state["ds_config"]
         return path, client_state
 
