@@ -1,7 +1,7 @@
 """The horizon sweep: held-out loss of a run's post-hoc averages over a grid of horizons, at chosen steps.
 
-    python -m eval.sweep runs/experiment_long --at 400 800 1600 --out reports/experiment
-    python -m eval.sweep runs/experiment_long --at all --target 2.9 --out reports/experiment
+    python -m eval.sweep runs/experiment_long --at 400 800 1600 --out reports/experiment_sweep
+    python -m eval.sweep runs/experiment_long --at all --target 2.9 --out reports/experiment_sweep
 
 At each step S (one with a complete snapshot) the candidates are:
   power σ_rel  a power EMA rebuilt from the snapshots of the tracked ones (averaging/power.py), per --sigma-rel;
@@ -167,8 +167,8 @@ def section(results: list[Result], steps_total: int, logged: dict, online: list[
     best, and the plot (sweep.png, beside it)."""
     rule = 0.01 * steps_total
     bests = best(results)
-    lines = ["Horizon: the length of the uniform window with the same spread (W × the snapshots' spacing for a LAWA of "
-             "the last W raw snapshots, √12·σ_rel·S for a power EMA rebuilt at step S from the snapshots of the "
+    lines = ["Horizon: the length of the uniform window with the same spread (W × the snapshots' spacing for a LAWA "
+             "of the last W raw snapshots, √12·σ_rel·S for a power EMA rebuilt at step S from the snapshots of the "
              "tracked ones; 0 for the raw weights), as % of the steps so far. The 1% rule is a horizon of "
              f"{rule:g} steps (1% of {steps_total}). sweep.csv has every value at full precision, and each power "
              "EMA's fit residual.", "",
@@ -191,7 +191,9 @@ def section(results: list[Result], steps_total: int, logged: dict, online: list[
 def _against_rule(here: list[Result], b: Result, rule: float) -> str:
     """How far the 1% rule is from the best at one step: in loss, at the candidate whose horizon is nearest the
     rule's, and in horizon."""
-    pct = lambda horizon: f"{100 * horizon / b.step:.2f}%"  # noqa: E731
+    def pct(horizon: float) -> str:
+        return f"{100 * horizon / b.step:.2f}%"
+
     text = f"best {b.label} (horizon {pct(b.horizon)}, val loss {b.loss:.4f}); the 1% rule's horizon is {pct(rule)}"
     averaged = [r for r in here if r.horizon > 0]
     if averaged:
