@@ -7,7 +7,9 @@ a run whose LR schedule ended at S?
 The long run is the one with the most train.steps; every other run must share its recipe except run.*,
 train.steps, checkpoint.*, log.*, eval.* and averaging. Writes DIR/report.md, DIR/comparison.csv (one row per
 curve), DIR/summary.json and DIR/val_loss.png. Values are the logged val losses only, never interpolated: a
-step where a curve was not evaluated is reported as such.
+step where a curve was not evaluated is reported as such. If the long run has snapshots, the report also holds its
+horizon sweep (eval/sweep.py) at the snapshot steps nearest --sweep-at percent of it, with DIR/sweep.csv and
+DIR/sweep.png.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from averaging.snapshots import complete
+from eval import sweep
 from eval.plots import plot_comparison
 from polyak import metrics
 from polyak.errors import UserError, cli
@@ -178,7 +182,7 @@ def _table(header: list[str], rows: list[list], numeric_from: int) -> list[str]:
     return ["| " + " | ".join(map(str, cells)) + " |" for cells in (header, rule, *rows)]
 
 
-def write_report(summary: dict, path: Path) -> None:
+def write_report(summary: dict, path: Path, sweep_lines: list[str]) -> None:
     long, averages = summary["long_run"], list(summary["long_run"]["averages"])
     described = ", ".join(f"{n} ({_describe(a)})" for n, a in long["averages"].items()) or "none"
     shorts = ", ".join(f"`{r['dir']}` ({r['steps']} steps)" for r in summary["short_runs"]) or "none"
@@ -212,7 +216,7 @@ def write_report(summary: dict, path: Path) -> None:
                  f"{r['bits_per_byte']:.4f}", r["tokens"]] for r in summary["releases"]]
         lines += ["", "## Released weights on the val split", "",
                   *_table(["folder", "weights", "step", "loss", "perplexity", "bits per byte", "tokens"], rows, 2)]
-    lines += ["", "![val loss and LR schedules](val_loss.png)", ""]
+    lines += ["", "![val loss and LR schedules](val_loss.png)", "", "## Horizon sweep", "", *sweep_lines, ""]
     path.write_text("\n".join(lines))
 
 
@@ -220,6 +224,35 @@ def _describe(average: dict) -> str:
     if average["kind"] == "ema":
         return f"EMA, beta {average['beta']}, every {average['every']}"
     return f"LAWA, window {average['window']}, every {average['every']}"
+
+
+def horizon_sweep(long: Run, percents: list[float] | None, out: Path) -> tuple[dict, list[str]]:
+    """The long run's horizon sweep at the snapshot steps nearest `percents` of it (None: not asked for), written
+    into `out`: its summary and its lines of the report, or why there is none."""
+    if percents is None:
+        return {"skipped": "--sweep-at none"}, ["Not swept (--sweep-at none)."]
+    snapshots = complete(long.dir / "snapshots")
+    if not snapshots:
+        why = f"`{long.dir}` has no complete snapshot to rebuild averages from (give the run snapshots.every)"
+        return {"skipped": why}, [f"Not swept: {why}."]
+    steps = sweep.nearest([s.step for s in snapshots], percents, long.steps)
+    results, lines = sweep.report(long.dir, snapshots, steps, out)
+    intro = (f"Held-out loss of post-hoc averages of the long run at the snapshot steps nearest "
+             f"{', '.join(f'{p:g}' for p in percents)}% of its {long.steps} steps (eval.sweep).")
+    return {"at_pct": percents, "steps": steps, "results": sweep.records(results)}, [intro, "", *lines]
+
+
+def _percents(text: str) -> list[float] | None:
+    if text == "none":
+        return None
+    try:
+        percents = [float(p) for p in text.split(",")]
+    except ValueError:
+        percents = []
+    if not percents or not all(0 < p <= 100 for p in percents):
+        raise UserError(f"--sweep-at {text}: percentages of the run in (0, 100], comma-separated (25,50,100), "
+                        "or none")
+    return percents
 
 
 def plot(runs: list[Run], summary: dict, path: Path) -> None:
@@ -243,7 +276,11 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--target", type=float, help="target val loss (default: the long run's final raw val loss)")
     p.add_argument("--evaluate", nargs="+", type=Path, default=[], metavar="RELEASE_DIR",
                    help="release folders to evaluate on their run's val split")
+    p.add_argument("--sweep-at", default="25,50,100", metavar="PCT,...",
+                   help="sweep the long run's horizons at the snapshot steps nearest these percentages of it, or "
+                   "none (default: 25,50,100)")
     args = p.parse_args(argv)
+    percents = _percents(args.sweep_at)
 
     runs = [load_run(d) for d in args.run_dirs]
     summary = compare(runs, args.target)
@@ -257,11 +294,14 @@ def main(argv: list[str] | None = None) -> dict:
             summary["releases"].append({"model_dir": str(folder), "weights": info.get("weights"),
                                         "step": info.get("step"), **result})
     args.out.mkdir(parents=True, exist_ok=True)
+    long = next(r for r in runs if str(r.dir) == summary["long_run"]["dir"])
+    summary["sweep"], sweep_lines = horizon_sweep(long, percents, args.out)
     write_csv(summary, args.out / "comparison.csv")
-    write_report(summary, args.out / "report.md")
+    write_report(summary, args.out / "report.md", sweep_lines)
     (args.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     plot(runs, summary, args.out / "val_loss.png")
-    print(f"wrote {args.out / 'report.md'}, comparison.csv, summary.json and val_loss.png")
+    print(f"wrote {args.out / 'report.md'}, comparison.csv, summary.json and val_loss.png"
+          + (", sweep.csv and sweep.png" if "results" in summary["sweep"] else ""))
     return summary
 
 

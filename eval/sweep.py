@@ -1,7 +1,7 @@
 """The horizon sweep: held-out loss of a run's post-hoc averages over a grid of horizons, at chosen steps.
 
-    python -m eval.sweep runs/experiment_long --at 400 800 1600 --out reports/experiment
-    python -m eval.sweep runs/experiment_long --at all --target 2.9 --out reports/experiment
+    python -m eval.sweep runs/experiment_long --at 400 800 1600 --out reports/experiment_sweep
+    python -m eval.sweep runs/experiment_long --at all --target 2.9 --out reports/experiment_sweep
 
 At each step S (one with a complete snapshot) the candidates are:
   power σ_rel  a power EMA rebuilt from the snapshots of the tracked ones (averaging/power.py), per --sigma-rel;
@@ -12,8 +12,9 @@ micro-batches of the val split), so its loss compares with the logged val_loss. 
 the length of the uniform window with the same spread, W × the snapshots' spacing for a LAWA and √12·σ_rel·S for a
 power EMA, shown as a percentage of S. The 1% rule (a horizon of 1% of train.steps) is marked.
 
-Writes to --out: sweep.csv (every candidate at every step), sweep.md (the best horizon at each step against the 1%
-rule, and with --target, the steps each candidate takes to reach it) and sweep.png (loss against horizon).
+Writes to --out: sweep.csv (every candidate at every step), sweep.md (every candidate's loss with the best marked,
+how far the 1% rule is from the best at each step, and with --target, the steps each candidate takes to reach it) and
+sweep.png (loss against horizon). eval.compare puts the same table and plot into its report.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from matplotlib.figure import Figure
 
 from averaging import power
 from averaging.release import Run
-from averaging.snapshots import complete
+from averaging.snapshots import Snapshot, complete
 from data.loader import TokenWindows, val_batches
 from model.llama import Llama
 from polyak import metrics
@@ -38,6 +39,7 @@ from polyak.errors import UserError, cli
 
 SIGMA_RELS = (0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2)
 WINDOWS = (1, 2, 4, 8, 16)
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 @dataclass
@@ -54,15 +56,11 @@ class Result:
         return {"power": f"power {self.parameter:g}", "lawa": f"lawa {int(self.parameter)}", "raw": "raw"}[self.method]
 
 
-def sweep(run_dir: Path, at: list[int] | None, sigma_rels=SIGMA_RELS, windows=WINDOWS,
-          device: str = "cpu") -> list[Result]:
-    """Every candidate at every step of `at` (None: every snapshot step), evaluated on the held-out windows."""
+def sweep(run_dir: Path, snapshots: list[Snapshot], steps: list[int], sigma_rels=SIGMA_RELS, windows=WINDOWS,
+          device: str = DEVICE) -> list[Result]:
+    """Every candidate at each of `steps`, evaluated on the held-out windows; `snapshots`: the run's complete ones."""
     run = Run.of(run_dir / "checkpoints")
-    snapshots = complete(run_dir / "snapshots")
-    if not snapshots:
-        raise UserError(f"{run_dir / 'snapshots'}: no complete snapshot; give the run snapshots.every")
     by_step = {s.step: s for s in snapshots}
-    steps = sorted(by_step) if at is None else at
     missing = [s for s in steps if s not in by_step]
     if missing:
         raise UserError(f"--at {missing[0]}: no complete snapshot of that step (snapshots: "
@@ -134,62 +132,113 @@ def steps_to_target(results: list[Result], target: float) -> dict[str, int | Non
     return out
 
 
+def nearest(steps: list[int], percents: list[float], total: int) -> list[int]:
+    """The step of `steps` nearest each percentage of `total` (the later on a tie), each once."""
+    return sorted({min(steps, key=lambda s: (abs(100 * s - p * total), -s)) for p in percents})
+
+
+def best(results: list[Result]) -> dict[int, Result]:
+    """The candidate of lowest val loss at each step."""
+    out = {}
+    for r in results:
+        if r.step not in out or r.loss < out[r.step].loss:
+            out[r.step] = r
+    return out
+
+
+def records(results: list[Result]) -> list[dict]:
+    """One row per candidate and step, as sweep.csv and eval.compare's summary.json hold them."""
+    bests = best(results)
+    return [{"step": r.step, "method": r.method, "parameter": r.parameter, "horizon_steps": r.horizon,
+             "horizon_pct": 100 * r.horizon / r.step, "val_loss": r.loss, "residual": r.residual,
+             "best": bests[r.step] is r} for r in results]
+
+
 def write_csv(results: list[Result], path: Path) -> None:
+    rows = records(results)
     with open(path, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["step", "method", "parameter", "horizon_steps", "horizon_pct", "val_loss", "residual"])
-        for r in results:
-            w.writerow([r.step, r.method, r.parameter, r.horizon, 100 * r.horizon / r.step, r.loss,
-                        "" if r.residual is None else r.residual])
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)  # a residual of None (not a power EMA) is written empty
 
 
-def write_report(results: list[Result], run_dir: Path, steps_total: int, path: Path, logged: dict,
-                 online: list[str], target: float | None) -> None:
+def section(results: list[Result], steps_total: int, logged: dict, online: list[str]) -> list[str]:
+    """The sweep in markdown: every candidate with the best of each step marked, how far the 1% rule is from the
+    best, and the plot (sweep.png, beside it)."""
     rule = 0.01 * steps_total
-    lines = [f"# Horizon sweep: `{run_dir}`", "",
-             f"Horizon as % of the steps so far; the 1% rule is a horizon of {rule:g} steps (1% of {steps_total}). "
-             "Power EMAs are rebuilt from the snapshots of the tracked ones (residual: how far their sample weights "
-             "are from the wanted profile's, relative).", "",
-             "| step | raw | best | its horizon | its val loss | 1% rule's horizon | online averages (1% rule) |",
-             "|---:|---:|---|---:|---:|---:|---|"]
-    for step in sorted({r.step for r in results}):
+    bests = best(results)
+    lines = ["Horizon: the length of the uniform window with the same spread (W × the snapshots' spacing for a LAWA "
+             "of the last W raw snapshots, √12·σ_rel·S for a power EMA rebuilt at step S from the snapshots of the "
+             "tracked ones; 0 for the raw weights), as % of the steps so far. The 1% rule is a horizon of "
+             f"{rule:g} steps (1% of {steps_total}). sweep.csv has every value at full precision, and each power "
+             "EMA's fit residual.", "",
+             "| step | candidate | horizon (steps) | horizon (% of steps so far) | val loss | |",
+             "|---:|---|---:|---:|---:|---|"]
+    for r in sorted(results, key=lambda r: (r.step, r.horizon)):
+        lines.append(f"| {r.step} | {r.label} | {r.horizon:g} | {100 * r.horizon / r.step:.2f}% | {r.loss:.4f} | "
+                     f"{'best' if bests[r.step] is r else ''} |")
+    lines.append("")
+    for step, b in sorted(bests.items()):
         here = [r for r in results if r.step == step]
-        raw = next((r.loss for r in here if r.method == "raw"), None)
-        best = min(here, key=lambda r: r.loss)
-        logged_online = ", ".join(f"{n} {logged[step][f'val_loss_{n}']:.4f}" for n in online
-                                  if f"val_loss_{n}" in logged.get(step, {})) or "not evaluated"
-        lines.append(f"| {step} | {'-' if raw is None else f'{raw:.4f}'} | {best.label} | "
-                     f"{100 * best.horizon / step:.2f}% ({best.horizon:g} steps) | {best.loss:.4f} | "
-                     f"{100 * rule / step:.2f}% | {logged_online} |")
-    if target is not None:
-        reached = steps_to_target(results, target)
-        lines += ["", f"Steps to reach a val loss of {target:g} (among the steps swept):", "",
-                  "| candidate | steps |", "|---|---:|"]
-        lines += [f"| {label} | {'not reached' if s is None else s} |" for label, s in reached.items()]
-    lines += ["", "![val loss against the horizon](sweep.png)", ""]
-    path.write_text("\n".join(lines))
+        seen = [f"{n} {logged[step][f'val_loss_{n}']:.4f}" for n in online
+                if logged.get(step, {}).get(f"val_loss_{n}") is not None]
+        lines.append(f"- Step {step}: {_against_rule(here, b, rule)}"
+                     + (f"; logged online: {', '.join(seen)}" if seen else "") + ".")
+    lines += ["", "![val loss against the horizon](sweep.png)"]
+    return lines
+
+
+def _against_rule(here: list[Result], b: Result, rule: float) -> str:
+    """How far the 1% rule is from the best at one step: in loss, at the candidate whose horizon is nearest the
+    rule's, and in horizon."""
+    def pct(horizon: float) -> str:
+        return f"{100 * horizon / b.step:.2f}%"
+
+    text = f"best {b.label} (horizon {pct(b.horizon)}, val loss {b.loss:.4f}); the 1% rule's horizon is {pct(rule)}"
+    averaged = [r for r in here if r.horizon > 0]
+    if averaged:
+        # Horizons of the grid grow geometrically: nearest on a log scale.
+        near = min(averaged, key=lambda r: abs(math.log(r.horizon / rule)))
+        text += (", and the best is the candidate nearest it" if near is b else
+                 f", the candidate nearest it ({near.label}, {pct(near.horizon)}) is "
+                 f"{near.loss - b.loss:.4f} nats above the best")
+    if b.horizon > 0:
+        text += f"; the best horizon is {b.horizon / rule:.3g}× the rule's"
+    return text
+
+
+def report(run_dir: Path, snapshots: list[Snapshot], steps: list[int], out: Path, sigma_rels=SIGMA_RELS,
+           windows=WINDOWS, device: str = DEVICE) -> tuple[list[Result], list[str]]:
+    """Sweep `steps` of the run, write sweep.csv and sweep.png into `out`; the results and their markdown."""
+    results = sweep(run_dir, snapshots, steps, sigma_rels, windows, device)
+    recipe = Run.of(run_dir / "checkpoints").recipe
+    logged = metrics.read(run_dir) if (run_dir / metrics.FILE).is_file() else {}
+    write_csv(results, out / "sweep.csv")
+    plot([r for r in results if r.step in _some(results)], recipe.train.steps, out / "sweep.png")
+    return results, section(results, recipe.train.steps, logged, list(recipe.averaging.averages))
 
 
 def plot(results: list[Result], steps_total: int, path: Path) -> None:
+    """Val loss against the horizon as % of the steps so far, one line a step and method, its best starred."""
     fig = Figure(figsize=(9, 5.5), layout="constrained")
     FigureCanvasAgg(fig)
     ax = fig.subplots()
-    for step in sorted({r.step for r in results}):
-        here = [r for r in results if r.step == step and r.method != "raw"]
-        line = None
+    bests = best(results)
+    for i, step in enumerate(sorted(bests)):
+        color, here = f"C{i}", [r for r in results if r.step == step]
         for method, marker in (("power", "o"), ("lawa", "s")):
             points = sorted((100 * r.horizon / step, r.loss) for r in here if r.method == method)
             if points:
-                line = ax.plot(*zip(*points), marker=marker, ms=4, lw=1.2,
-                               color=line[0].get_color() if line else None,
-                               ls="-" if method == "power" else "--", label=f"step {step}: {method}")
-        best = min(here, key=lambda r: r.loss, default=None)
-        if best is not None:
-            ax.plot(100 * best.horizon / step, best.loss, marker="*", ms=14, color=line[0].get_color(), ls="none")
-            ax.axvline(100 * 0.01 * steps_total / step, color=line[0].get_color(), ls=":", lw=1)
-        raw = next((r.loss for r in results if r.step == step and r.method == "raw"), None)
+                ax.plot(*zip(*points), marker=marker, ms=4, lw=1.2, color=color,
+                        ls="-" if method == "power" else "--", label=f"step {step}: {method}")
+        raw = next((r for r in here if r.method == "raw"), None)
         if raw is not None:
-            ax.axhline(raw, color=line[0].get_color(), ls="-.", lw=0.8)
+            # No horizon to place it at on a log axis: a level line, thicker when it is the best.
+            ax.axhline(raw.loss, color=color, ls="-.", lw=2 if raw is bests[step] else 0.8,
+                       label=f"step {step}: raw" + (" (best)" if raw is bests[step] else ""))
+        if bests[step].horizon > 0:
+            ax.plot(100 * bests[step].horizon / step, bests[step].loss, marker="*", ms=14, color=color, ls="none")
+        ax.axvline(100 * 0.01 * steps_total / step, color=color, ls=":", lw=1)
     ax.set_xscale("log")
     ax.set_xlabel("horizon, % of the steps so far (dotted: the 1% rule; dash-dot: raw weights; star: best)")
     ax.set_ylabel("val loss (nats/token)")
@@ -207,36 +256,38 @@ def main(argv: list[str] | None = None) -> list[Result]:
     p.add_argument("--sigma-rel", nargs="+", type=float, default=list(SIGMA_RELS), help="power EMA widths")
     p.add_argument("--windows", nargs="+", type=int, default=list(WINDOWS), help="LAWA windows, in snapshots")
     p.add_argument("--target", type=float, help="report the steps each candidate takes to reach this val loss")
-    p.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--out", type=Path, required=True, help="report folder (e.g. eval.compare's)")
+    p.add_argument("--device", choices=["cpu", "cuda"], default=DEVICE)
+    p.add_argument("--out", type=Path, required=True, help="report folder")
     args = p.parse_args(argv)
     if not (args.run_dir / "recipe.yaml").is_file():
         raise UserError(f"{args.run_dir} is not a run directory (no recipe.yaml)")
+    snapshots = complete(args.run_dir / "snapshots")
+    if not snapshots:
+        raise UserError(f"{args.run_dir / 'snapshots'}: no complete snapshot; give the run snapshots.every")
     if args.at == ["all"]:
-        at = None
+        at = [s.step for s in snapshots]
     elif args.at is None:
-        steps = [s.step for s in complete(args.run_dir / "snapshots")]
-        at = steps[-1:]
+        at = [snapshots[-1].step]
     else:
         try:
             at = [int(s) for s in args.at]
         except ValueError:
             raise UserError(f"--at {' '.join(args.at)}: steps, or 'all'") from None
-    results = sweep(args.run_dir, at, args.sigma_rel, args.windows, args.device)
-    run = Run.of(args.run_dir / "checkpoints")
-    logged = metrics.read(args.run_dir) if (args.run_dir / metrics.FILE).is_file() else {}
     args.out.mkdir(parents=True, exist_ok=True)
-    write_csv(results, args.out / "sweep.csv")
-    write_report(results, args.run_dir, run.recipe.train.steps, args.out / "sweep.md", logged,
-                 list(run.recipe.averaging.averages), args.target)
-    plot([r for r in results if at is not None or r.step in _some(results)], run.recipe.train.steps,
-         args.out / "sweep.png")
+    results, lines = report(args.run_dir, snapshots, at, args.out, args.sigma_rel, args.windows, args.device)
+    lines = [f"# Horizon sweep: `{args.run_dir}`", "", *lines]
+    if args.target is not None:
+        lines += ["", f"Steps to reach a val loss of {args.target:g} (among the steps swept):", "",
+                  "| candidate | steps |", "|---|---:|"]
+        lines += [f"| {label} | {'not reached' if s is None else s} |"
+                  for label, s in steps_to_target(results, args.target).items()]
+    (args.out / "sweep.md").write_text("\n".join([*lines, ""]))
     print(f"wrote {args.out / 'sweep.md'}, sweep.csv and sweep.png")
     return results
 
 
 def _some(results: list[Result], n: int = 4) -> set[int]:
-    """A few steps spread over the run, for a readable plot of a sweep at every step."""
+    """A few steps spread over the sweep, for a readable plot of many steps (the table has them all)."""
     steps = sorted({r.step for r in results})
     return {steps[round(i * (len(steps) - 1) / (n - 1))] for i in range(n)} if len(steps) > n else set(steps)
 

@@ -1,4 +1,5 @@
-"""eval.compare on hand-written runs: values at each short end step, steps to target, savings, refusals, the PNG."""
+"""eval.compare on hand-written runs: values at each short end step, steps to target, savings, refusals, the PNG; and
+on a trained run, the horizon sweep in its report."""
 
 import csv
 import json
@@ -9,8 +10,10 @@ import numpy as np
 import pytest
 import torch
 
+from averaging.snapshots import complete
 from bench.harness import run_cli
 from eval.compare import main
+from eval.sweep import records, sweep
 from launch.schedule import lr_multiplier
 from polyak.errors import UserError
 from polyak.recipe import AverageConfig, Recipe, save_recipe
@@ -150,3 +153,39 @@ def test_evaluate_adds_release_table(runs, tmp_path):
     assert (result["weights"], result["step"], result["tokens"]) == ("raw", 10, len(val))
     assert (f"| `{release}` | raw | 10 | {result['loss']:.4f} | {result['perplexity']:.3f} | "
             f"{result['bits_per_byte']:.4f} | {len(val)} |") in (tmp_path / "r" / "report.md").read_text()
+
+
+def test_a_run_without_snapshots_gets_a_line_instead_of_a_sweep(runs, tmp_path):
+    long, shorts = runs
+    summary = main([str(long), str(shorts[0]), "--out", str(tmp_path / "r")])
+    report = (tmp_path / "r" / "report.md").read_text()
+    why = f"`{long}` has no complete snapshot to rebuild averages from (give the run snapshots.every)"
+    assert report.endswith(f"## Horizon sweep\n\nNot swept: {why}.\n")
+    assert summary["sweep"] == {"skipped": why} and not (tmp_path / "r" / "sweep.csv").exists()
+    with pytest.raises(UserError, match=r"^--sweep-at 0,50: percentages of the run in \(0, 100\]"):
+        main([str(long), "--out", str(tmp_path / "r"), "--sweep-at", "0,50"])
+
+
+def test_the_report_holds_the_sweep_eval_sweep_computes(run1, tmp_path):
+    """run1 (12 steps) has snapshots every 2 steps (its LAWA's samples and scheduled ones): 40% and 100% of it are
+    steps 4 (4.8 is nearer 4 than 6) and 12. The report's numbers are eval.sweep's own, computed here apart."""
+    summary = main([str(run1), "--out", str(tmp_path / "r"), "--sweep-at", "40,100"])
+    assert summary["sweep"]["steps"] == [4, 12]
+    want = sweep(run1, complete(run1 / "snapshots"), [4, 12])
+    assert summary["sweep"]["results"] == records(want)  # exactly, through summary.json's floats
+    assert json.loads((tmp_path / "r" / "summary.json").read_text())["sweep"] == summary["sweep"]
+
+    section = (tmp_path / "r" / "report.md").read_text().split("## Horizon sweep")[1]
+    # A row: step, candidate, horizon in steps and in %, val loss, then "best" on the best row only.
+    rows = [cells for line in section.splitlines() if (cells := line.strip("| ").split(" | "))[0].isdigit()]
+    assert len(rows) == len(want)
+    table = {(int(r[0]), r[1]): r for r in rows}
+    for r in want:
+        assert table[(r.step, r.label)][2:5] == [f"{r.horizon:g}", f"{100 * r.horizon / r.step:.2f}%", f"{r.loss:.4f}"]
+    for step in (4, 12):
+        here = [r for r in rows if int(r[0]) == step]
+        (marked,) = [r for r in here if r[5:] == ["best"]]
+        assert float(marked[4]) == min(float(r[4]) for r in here)
+        assert f"- Step {step}: best {marked[1]} " in section
+    assert "the 1% rule's horizon is 1.00%" in section and "![val loss against the horizon](sweep.png)" in section
+    assert (tmp_path / "r" / "sweep.png").stat().st_size > 10_000
