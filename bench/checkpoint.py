@@ -167,4 +167,4 @@ def print_tables(r: dict) -> None:
 
 
 if __name__ == "__main__":
-    cli(main)
+    cli(main, rank_process=True)

@@ -372,4 +372,4 @@ def print_tables(result: dict, bound: float) -> None:
 
 
 if __name__ == "__main__":
-    cli(main)
+    cli(main, rank_process=True)

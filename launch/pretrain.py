@@ -173,4 +173,4 @@ def _due(step: int, every: int, last: int) -> bool:
 
 
 if __name__ == "__main__":
-    cli(main)
+    cli(main, rank_process=True)

@@ -14,6 +14,8 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
+from polyak.errors import leave
+
 
 def run_ranks(fn, world_size: int, *args, timeout: float = 600):
     """`fn(rank, world_size, *args)` on every rank; returns their return values in rank order.
@@ -62,6 +64,7 @@ def _rank_main(fn, rank: int, world_size: int, port: int, out: Path, args: tuple
     faulthandler.dump_traceback_later(max(1.0, timeout - 5), file=stacks)  # just before the parent gives up
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
                       WORLD_SIZE=str(world_size), LOCAL_WORLD_SIZE=str(world_size), LOCAL_SIZE=str(world_size))
+    code = 0
     try:
         from launch.dist import init_distributed
 
@@ -70,7 +73,5 @@ def _rank_main(fn, rank: int, world_size: int, port: int, out: Path, args: tuple
         torch.save(result, out / f"rank{rank}.pt")
     except Exception:
         (out / f"rank{rank}.error").write_text(traceback.format_exc())
-        raise SystemExit(1)
-    finally:
-        if torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
+        code = 1
+    leave(code)  # as launch/pretrain.py's ranks leave
