@@ -5,21 +5,30 @@ from __future__ import annotations
 
 import os
 import sys
+from datetime import timedelta
 from pathlib import Path
 
 import deepspeed
 import deepspeed.comm as dist
 import torch
+from deepspeed.constants import default_pg_timeout
 
 from polyak import checkpoints
 from polyak.errors import UserError
 
 
-def init_distributed() -> torch.device:
+# How long the other ranks wait for rank-0-only work (data preparation of billions of tokens, the universal
+# conversion of a 7B checkpoint): hours, not the collectives' timeout. A rank 0 that dies ends the wait at once (its
+# sockets close), so this bounds only a rank 0 that hangs.
+RANK0_PATIENCE = timedelta(hours=48)
+
+
+def init_distributed(timeout: timedelta = default_pg_timeout) -> torch.device:
+    """The process group; `timeout` is how long a collective waits for the slowest rank."""
     if torch.cuda.is_available():
         local_rank = int(os.environ.get("LOCAL_RANK", 0))
         torch.cuda.set_device(local_rank)
-        deepspeed.init_distributed(dist_backend="nccl")
+        deepspeed.init_distributed(dist_backend="nccl", timeout=timeout)
         return torch.device("cuda", local_rank)
     if "OMP_NUM_THREADS" not in os.environ:  # without core binding, every rank would start a thread per core
         torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // int(os.environ.get("LOCAL_SIZE", 1))))
@@ -28,19 +37,23 @@ def init_distributed() -> torch.device:
     # every later start waits on it forever. The op only serves inference_all_reduce, which training never calls:
     # gloo does every collective. Marked unavailable, it is neither built nor mapped.
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-    deepspeed.init_distributed(dist_backend="gloo")
+    deepspeed.init_distributed(dist_backend="gloo", timeout=timeout)
     return torch.device("cpu")
 
 
 def on_rank0(fn) -> None:
-    """Run `fn` on rank 0 while the others wait; a UserError there stops every rank (printed once)."""
+    """Run `fn` on rank 0 while the others wait, however long it takes; a UserError there stops every rank (printed
+    once). The others wait in a group of their own (gloo, on the host): a wait on the training group would end at its
+    collective timeout."""
+    patient = torch.distributed.new_group(backend="gloo", timeout=RANK0_PATIENCE)
     failure = [None]
     if dist.get_rank() == 0:
         try:
             fn()
         except UserError as e:
             failure = [str(e)]
-    dist.broadcast_object_list(failure, src=0)
+    torch.distributed.broadcast_object_list(failure, src=0, group=patient)
+    torch.distributed.destroy_process_group(patient)
     if failure[0] is not None:
         raise UserError(failure[0])
 

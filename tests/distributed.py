@@ -8,6 +8,7 @@ import socket
 import tempfile
 import time
 import traceback
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -17,8 +18,9 @@ import torch.multiprocessing as mp
 from polyak.errors import leave
 
 
-def run_ranks(fn, world_size: int, *args, timeout: float = 600):
-    """`fn(rank, world_size, *args)` on every rank; returns their return values in rank order.
+def run_ranks(fn, world_size: int, *args, timeout: float = 600, collective_timeout: float | None = None):
+    """`fn(rank, world_size, *args)` on every rank; returns their return values in rank order. `collective_timeout`
+    (seconds): the process group's, instead of DeepSpeed's default.
 
     `fn` and `args` must be picklable (a module-level function). A rank that raises fails the test with its
     traceback; the other ranks are then stopped, as they would wait forever in a collective.
@@ -29,7 +31,8 @@ def run_ranks(fn, world_size: int, *args, timeout: float = 600):
     context = mp.get_context("spawn")
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp)
-        procs = [context.Process(target=_rank_main, args=(fn, rank, world_size, port, out, args, timeout), daemon=True)
+        procs = [context.Process(target=_rank_main, daemon=True,
+                                 args=(fn, rank, world_size, port, out, args, timeout, collective_timeout))
                  for rank in range(world_size)]
         for p in procs:
             p.start()
@@ -59,7 +62,8 @@ def run_ranks(fn, world_size: int, *args, timeout: float = 600):
         return [torch.load(out / f"rank{rank}.pt") for rank in range(world_size)]
 
 
-def _rank_main(fn, rank: int, world_size: int, port: int, out: Path, args: tuple, timeout: float) -> None:
+def _rank_main(fn, rank: int, world_size: int, port: int, out: Path, args: tuple, timeout: float,
+               collective_timeout: float | None) -> None:
     stacks = open(out / f"rank{rank}.stacks", "w")  # faulthandler writes to it until the process ends
     faulthandler.dump_traceback_later(max(1.0, timeout - 5), file=stacks)  # just before the parent gives up
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
@@ -68,7 +72,7 @@ def _rank_main(fn, rank: int, world_size: int, port: int, out: Path, args: tuple
     try:
         from launch.dist import init_distributed
 
-        init_distributed()  # as training does: the ranks share the cores, gloo does every collective
+        init_distributed(*[timedelta(seconds=collective_timeout)] if collective_timeout else [])  # as training does: the ranks share the cores, gloo does every collective
         result = fn(rank, world_size, *args)
         torch.save(result, out / f"rank{rank}.pt")
     except Exception:

@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,7 @@ import torch
 
 from bench.harness import ROOT, SMALL
 from launch import checkpoint
+from launch.dist import on_rank0
 from polyak import checkpoints
 from polyak.errors import UserError
 from polyak.recipe import CheckpointConfig, load_recipe
@@ -226,3 +228,32 @@ def _newest_intact_or_error(rank: int, world: int, ckpt_dir: str):
         return checkpoint.newest_intact(Path(ckpt_dir))
     except UserError as e:
         return str(e)
+
+
+def _slow_rank0_work(rank: int, world: int, fail: bool) -> str | None:
+    """Rank-0 work three times longer than the process group's collective timeout, then one collective."""
+
+    def work():
+        time.sleep(COLLECTIVE_TIMEOUT * 3)
+        if fail:
+            raise UserError("the data is not there")
+
+    try:
+        on_rank0(work)
+    except UserError as e:
+        return str(e)
+    total = torch.ones(1)
+    torch.distributed.all_reduce(total)  # the group still works after the long wait
+    return f"sum {total.item():g}"
+
+
+COLLECTIVE_TIMEOUT = 2.0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fail", [False, True], ids=["done", "user error"])
+def test_rank0_work_longer_than_the_collective_timeout(fail):
+    """Data preparation and the universal conversion run on rank 0 for as long as they take: the others' wait is not
+    a collective of the training group, whose timeout would stop the run."""
+    results = run_ranks(_slow_rank0_work, 2, fail, collective_timeout=COLLECTIVE_TIMEOUT)
+    assert results == (["the data is not there"] * 2 if fail else ["sum 2"] * 2)
