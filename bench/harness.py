@@ -82,10 +82,10 @@ def run_cli(args: list[str], check: bool = True, timeout: int = 600, env: dict |
     return proc
 
 
-def pretrain(ranks: int, overrides: list[str], *extra: str, check: bool = True):
+def pretrain(ranks: int, overrides: list[str], *extra: str, check: bool = True, port: int | None = None):
     """`deepspeed --num_gpus N launch/pretrain.py --recipe recipes/tiny_cpu.yaml --set ...` on CPU ranks, with SMALL
     before `overrides`."""
-    args = [str(DEEPSPEED), "--num_gpus", str(ranks), "--master_port", str(free_port()), "launch/pretrain.py",
+    args = [str(DEEPSPEED), "--num_gpus", str(ranks), "--master_port", str(port or free_port()), "launch/pretrain.py",
             "--recipe", "recipes/tiny_cpu.yaml", *extra]
     for item in SMALL + overrides:
         args += ["--set", item]

@@ -3,13 +3,17 @@ across ranks, and a one-line diagnosis when a rank dies or the job is stopped.""
 
 from __future__ import annotations
 
+import atexit
 import os
+import socket
 import sys
+import tempfile
 from datetime import timedelta
 from pathlib import Path
 
 import deepspeed
 import deepspeed.comm as dist
+import psutil
 import torch
 from deepspeed.constants import default_pg_timeout
 
@@ -28,7 +32,7 @@ def init_distributed(timeout: timedelta = default_pg_timeout) -> torch.device:
     if torch.cuda.is_available():
         local_rank = int(os.environ.get("LOCAL_RANK", 0))
         torch.cuda.set_device(local_rank)
-        deepspeed.init_distributed(dist_backend="nccl", timeout=timeout)
+        _init_process_group("nccl", timeout)
         return torch.device("cuda", local_rank)
     if "OMP_NUM_THREADS" not in os.environ:  # without core binding, every rank would start a thread per core
         torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // int(os.environ.get("LOCAL_SIZE", 1))))
@@ -37,8 +41,46 @@ def init_distributed(timeout: timedelta = default_pg_timeout) -> torch.device:
     # every later start waits on it forever. The op only serves inference_all_reduce, which training never calls:
     # gloo does every collective. Marked unavailable, it is neither built nor mapped.
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-    deepspeed.init_distributed(dist_backend="gloo", timeout=timeout)
+    _init_process_group("gloo", timeout)
     return torch.device("cpu")
+
+
+def _init_process_group(backend: str, timeout: timedelta) -> None:
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    torch.distributed.init_process_group(backend, store=_rendezvous(rank, world, timeout), rank=rank,
+                                         world_size=world, timeout=timeout)
+    deepspeed.init_distributed(dist_backend=backend, timeout=timeout)  # adopts the group above
+
+
+def _rendezvous(rank: int, world: int, timeout: timedelta) -> torch.distributed.Store:
+    """Where the ranks meet. Two jobs on one node given the same MASTER_PORT (the launcher's default 29500) must
+    neither meet nor harm each other. On one node under DeepSpeed's launcher, the ranks are siblings and meet in a
+    file named after their parent, the launcher, as `torchrun --standalone` needs no port. Across nodes they meet at
+    MASTER_ADDR:MASTER_PORT, and each rank claims its slot there first: a slot already claimed is another job's."""
+    if os.environ.get("CROSS_SIZE") == "1":
+        launcher = psutil.Process().parent()
+        path = Path(tempfile.gettempdir()) / f"polyak-rendezvous-{launcher.pid}-{launcher.create_time():.3f}"
+        atexit.register(path.unlink, missing_ok=True)  # at exit every rank is past the store: the last barrier
+        return torch.distributed.FileStore(str(path), world)
+    host, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
+    hint = f"pass a free one, e.g. deepspeed --master_port {_free_port()} ... (or set MASTER_PORT)"
+    try:
+        store = torch.distributed.TCPStore(host, port, world, is_master=rank == 0, timeout=timeout,
+                                           wait_for_workers=False)
+    except torch.distributed.DistNetworkError as e:
+        if rank == 0 and "address already in use" in str(e).lower():
+            raise UserError(f"{host}:{port} is taken, by another job or program: {hint}") from None
+        raise
+    claim = f"{socket.gethostname()}:{os.getpid()}"
+    if store.compare_set(f"polyak/rank{rank}", "", claim).decode() != claim:
+        raise UserError(f"{host}:{port} is another job's rendezvous (its rank {rank} is there already): {hint}")
+    return store
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
 
 
 def on_rank0(fn) -> None:
@@ -75,7 +117,9 @@ def explain_stop(error: Exception, ckpt_dir: Path) -> None:
         return
     if int(os.environ.get("LOCAL_RANK", "0")) == min(alive):
         why = (f"rank {', '.join(map(str, lost))} died (killed, or crashed: see its output above)" if lost
-               else "stopped by SIGTERM" if isinstance(error, Stopped) else "a rank on another node died")
+               else "stopped by SIGTERM" if isinstance(error, Stopped)
+               else "a rank on another node died" if int(os.environ.get("CROSS_SIZE", "1")) > 1
+               else "a rank's connection was lost")
         print(f"error: {why}; run the same command again to resume from the last checkpoint: "
               f"{checkpoints.describe_latest(ckpt_dir)}", file=sys.stderr)
     sys.exit(1)
@@ -83,8 +127,6 @@ def explain_stop(error: Exception, ckpt_dir: Path) -> None:
 
 def _local_ranks() -> tuple[list[int], list[int]]:
     """The global ranks this node's launcher started that are gone, and the local ranks still running."""
-    import psutil
-
     size = int(os.environ.get("LOCAL_SIZE") or os.environ.get("LOCAL_WORLD_SIZE") or "1")
     local = int(os.environ.get("LOCAL_RANK", "0"))
     alive = {local}

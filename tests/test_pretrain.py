@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import base64
+import concurrent.futures
 import json
 import os
 import signal
 import subprocess
 import sys
+import time
+from datetime import timedelta
 
 import pytest
 import torch
@@ -22,7 +25,10 @@ from bench.harness import (
     pretrain,
     rank_states,
     read_metrics,
+    trained,
 )
+from launch import dist
+from polyak.errors import UserError
 from polyak.recipe import load_recipe
 from tests.oracles import offline_averages
 
@@ -110,3 +116,33 @@ def test_two_node_launchers_on_loopback_form_one_world(run2, data_dir, tmp_path)
                 os.killpg(p.pid, signal.SIGKILL)
     assert [p.returncode for p in nodes] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
     assert computed(read_metrics(tmp_path)) == computed(read_metrics(run2))
+
+
+def test_two_runs_given_the_same_port_on_one_node_both_train_as_alone(run2, data_dir, tmp_path):
+    """The README's plain command twice on one node, the same --master_port (as two launches on the default 29500):
+    the second starts while the first trains, and each trains exactly as the uninterrupted run2."""
+    port, first, second = free_port(), tmp_path / "first", tmp_path / "second"
+    with concurrent.futures.ThreadPoolExecutor() as pool:
+        running = pool.submit(pretrain, 2, trained(data_dir, first), port=port)
+        while not (first / "metrics.jsonl").exists() and not running.done():
+            time.sleep(0.2)
+        pretrain(2, trained(data_dir, second), port=port)
+        running.result()
+    for run in (first, second):
+        assert computed(read_metrics(run)) == computed(read_metrics(run2)), run.name
+
+
+def test_a_taken_port_across_nodes_is_named_and_the_job_there_untouched(monkeypatch):
+    """Across nodes the ranks meet at MASTER_ADDR:MASTER_PORT: where another job's rank 0 listens, a rank 0 cannot,
+    and any other rank finds its slot claimed; each stops with one line, and writes nothing to the other job's store."""
+    port = free_port()
+    theirs = torch.distributed.TCPStore("127.0.0.1", port, 2, is_master=True, wait_for_workers=False)
+    theirs.set("polyak/rank1", "their rank 1")
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(port))
+    monkeypatch.setenv("CROSS_SIZE", "2")
+    for rank, why in ((0, "is taken, by another job or program"), (1, "is another job's rendezvous")):
+        with pytest.raises(UserError, match=f"^127.0.0.1:{port} {why}.*: pass a free one, e.g. deepspeed "
+                                            r"--master_port \d+ \.\.\. \(or set MASTER_PORT\)$"):
+            dist._rendezvous(rank, 2, timedelta(seconds=10))
+    assert theirs.get("polyak/rank1") == b"their rank 1" and theirs.num_keys() == 1
