@@ -3,8 +3,8 @@
     .venv/bin/python -m bench.faults [--trials 20] [--seed 0] [--work /tmp/polyak-faults]
                                      [--report docs/BENCHMARKS_faults.md]
 
-The run is the end-to-end tests' tiny one (tests/conftest.py: 2 CPU ranks, 12 steps, EMA, LAWA and a power EMA, a checkpoint
-every step). One uninterrupted run is the reference. Each trial launches the same command afresh, waits for a random
+The run is the end-to-end tests' tiny one (tests/conftest.py: 2 CPU ranks, 12 steps, EMA, LAWA and a power EMA,
+a checkpoint every step). One uninterrupted run is the reference. Each trial launches the same command afresh, waits for a random
 moment (the middle of a random step, or the save of one: its `.tmp-` directory has appeared, plus a random delay),
 SIGKILLs rank 0, rank 1 or the launcher's whole process group, then runs the same command again to the end and
 compares its loss curve (the last record of each step), fp32 master weights, Adam moments and averages with the
