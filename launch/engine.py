@@ -47,7 +47,7 @@ def build(recipe: Recipe, vocab_size: int, world: int, device: torch.device, loa
 
 def train_step(engine, batches: TrainBatches, grad_accum: int, device: torch.device) -> float:
     """One optimizer step over `grad_accum` micro-batches; the mean loss, or NaN when the update was skipped."""
-    losses, skipped = [], engine.skipped_steps
+    losses = []
     for micro in range(grad_accum):
         x, y = (t.to(device, non_blocking=True) for t in batches.next())
         loss = engine(x, y)
@@ -59,10 +59,15 @@ def train_step(engine, batches: TrainBatches, grad_accum: int, device: torch.dev
             engine.micro_steps += grad_accum - micro
             return math.nan
         engine.backward(loss)
+        # A finite loss can still give non-finite gradients. DeepSpeed checks them only under fp16 loss scaling;
+        # in fp32 and bf16 it would apply them (NaN weights from then on). At the boundary the reduced gradient
+        # partitions are complete: one flag, all-reduced, so that every rank skips together.
+        if micro == grad_accum - 1 and engine.optimizer.has_overflow():
+            engine.optimizer.zero_grad()
+            engine.micro_steps += 1
+            return math.nan
         engine.step()  # DeepSpeed steps the optimizer only at the accumulation boundary
         losses.append(loss.detach())
-    if engine.skipped_steps > skipped:  # DeepSpeed dropped the update itself: the gradients were not finite
-        return math.nan
     return mean_over_ranks(losses)
 
 

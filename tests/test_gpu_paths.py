@@ -6,6 +6,8 @@ step's master weights, resumes and poisoned copies start from any of them."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -321,3 +323,46 @@ def test_activation_checkpointing_recomputes_the_blocks_and_changes_nothing(data
         assert [s.pop("forwards") for s in checkpointed["steps"]] == [2 * n_layers * micro_steps] * CHECKPOINTING_STEPS
         assert all(s["grad_norm"] > 0 for s in plain["steps"])
         assert_identical(checkpointed, plain)
+
+
+def _non_finite_gradient_rank(rank: int, world_size: int, data_dir: str, offload: bool) -> dict:
+    """Three steps on engines built and stepped by the trainer's own functions; in the second, rank 1 turns the
+    gradient at the final norm's output to NaN while every loss stays finite. Per step: the loss returned, and
+    whether this rank's fp32 master partitions and Adam state are those from before the step."""
+    sets = SMALL + ACCUMULATED + [f"data.dir={data_dir}"] + (["zero.offload_optimizer=cpu"] if offload else [])
+    recipe = load_recipe(ROOT / "recipes" / "tiny_cpu.yaml", sets)
+    engine, _, _ = build(recipe, load_meta(data_dir)["vocab_size"], world_size, torch.device("cpu"))
+    t = recipe.train
+    batches = TrainBatches(TokenWindows(data_dir, "train", recipe.data.seq_len), rank, world_size, t.micro_batch,
+                           t.seed)
+
+    def poison(module, inputs, output):
+        output.register_hook(lambda grad: torch.full_like(grad, float("nan")))
+
+    adam = engine.optimizer.optimizer.state
+    out = []
+    for step in (1, 2, 3):
+        before = [p.clone() for p in master_partitions(engine)]
+        steps_before = [float(adam[p]["step"]) if "step" in adam[p] else 0.0 for p in master_partitions(engine)]
+        hook = engine.module.model.norm.register_forward_hook(poison) if step == 2 and rank == 1 else None
+        loss = train_step(engine, batches, t.grad_accum, torch.device("cpu"))
+        if hook:
+            hook.remove()
+        master = master_partitions(engine)
+        out.append({"loss": loss, "finite": all(bool(p.isfinite().all()) for p in master),
+                    "unchanged": all(torch.equal(a, b) for a, b in zip(before, master))
+                    and [float(adam[p]["step"]) for p in master] == steps_before})
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("offload", [False, True], ids=["fp32", "offload"])
+def test_a_finite_loss_with_non_finite_gradients_skips_the_step_on_every_rank(data_dir, offload):
+    """DeepSpeed checks gradients only under fp16 loss scaling; here rank 1's second step has NaN gradients and a
+    finite loss: no rank updates its partitions or Adam state, every rank reports the skip (NaN), and the next
+    step trains from the weights before it."""
+    for rank in run_ranks(_non_finite_gradient_rank, 2, str(data_dir), offload):
+        first, skipped, after = rank
+        assert math.isfinite(first["loss"]) and not first["unchanged"]
+        assert math.isnan(skipped["loss"]) and skipped["unchanged"]
+        assert math.isfinite(after["loss"]) and not after["unchanged"] and after["finite"]
