@@ -17,7 +17,7 @@ from launch.memory import FIT_HINT, GiB, estimate
 from model.llama import count_params
 from model.sizes import resolve
 from polyak.errors import UserError, cli
-from polyak.recipe import DataConfig, Recipe, load_recipe
+from polyak.recipe import AverageConfig, DataConfig, Recipe, load_recipe
 
 # Tokens of the hub datasets the recipes stream, in GPT-2 tokens as their dataset cards round them: approximate.
 HUB_TOKENS = {
@@ -116,10 +116,10 @@ def plan(recipe: Recipe, world: int) -> tuple[list[str], str | None]:
     return lines, None
 
 
-def _horizon(a, steps: int) -> str:
-    if a.kind == "power":
-        return (f"sigma_rel {a.sigma_rel} = {a.sigma_rel:.0%} of the steps so far, as wide as a uniform window of "
-                f"{math.sqrt(12) * a.sigma_rel:.0%} of them (power EMA: it grows with the run)")
+def _horizon(a: AverageConfig, steps: int) -> str:
+    if a.kind == "power":  # on eval.sweep's axis: a uniform window of the same spread
+        return (f"sigma_rel {a.sigma_rel:g} = {a.sigma_rel:.1%} of the steps so far, as wide as a uniform window of "
+                f"{math.sqrt(12) * a.sigma_rel:.1%} of them (a power EMA grows with the run)")
     if a.kind == "ema":
         length, how = a.every / (1 - a.beta), f"every {a.every} / (1 - beta {a.beta})"
     else:

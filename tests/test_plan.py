@@ -56,11 +56,17 @@ def test_every_shipped_recipe_fits_the_hardware_it_names(path):
             assert plan[f"horizon {name}"].startswith(f"{average.window * average.every} steps")
 
 
-def test_the_plan_counts_the_models_parameters():
-    recipe = load_recipe(ROOT / "recipes/1b_lawa.yaml")
-    plan = facts(run_plan(ROOT / "recipes/1b_lawa.yaml").stdout)
-    assert number(plan["parameters"]) == count_params(resolve(recipe.model, 50304, recipe.data.seq_len))
+def test_the_plan_counts_parameters_snapshots_and_horizons():
+    sets = ["averaging.p05.kind=power", "averaging.p05.sigma_rel=0.05", "snapshots.every=500",
+            "snapshots.weights=[raw, p05]", "snapshots.dtype=bf16"]
+    recipe = load_recipe(ROOT / "recipes/1b_lawa.yaml", sets)
+    plan = facts(run_plan(ROOT / "recipes/1b_lawa.yaml", *(a for s in sets for a in ("--set", s))).stdout)
+    params = count_params(resolve(recipe.model, 50304, recipe.data.seq_len))
+    assert number(plan["parameters"]) == params
+    assert gib(plan["snapshot size"]) == pytest.approx(params * 2 * 2 / 2**30, abs=0.05)  # raw and p05 in bf16
     assert plan["horizon ema"].startswith("200 steps = 1.0% of 20000 steps")
+    assert plan["horizon p05"].startswith("sigma_rel 0.05 = 5.0% of the steps so far, as wide as a uniform window "
+                                          "of 17.3% of them")
 
 
 @pytest.mark.parametrize("recipe, args, key", [
