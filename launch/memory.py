@@ -14,6 +14,7 @@ from polyak.errors import UserError
 from polyak.recipe import Recipe
 
 GiB = 2**30
+FIT_HINT = "use more ranks, zero.offload_optimizer: cpu, averaging.offload: cpu, or a smaller model"
 
 
 @dataclass
@@ -55,13 +56,12 @@ def estimate(recipe: Recipe, args: LlamaArgs, world: int, ranks_per_node: int, o
 
 def check_fits(need: Estimate, on_gpu: bool) -> None:
     """Stop early, with what to change, when the estimate exceeds this node's memory."""
-    hint = "use more ranks, zero.offload_optimizer: cpu, averaging.offload: cpu, or a smaller model"
     if on_gpu:
         have = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
         if need.per_device > have:
             raise UserError(f"the recipe needs about {need.per_device / GiB:.1f} GiB per GPU for model states and "
-                            f"averages, the GPU has {have / GiB:.1f} GiB: {hint}")
+                            f"averages, the GPU has {have / GiB:.1f} GiB: {FIT_HINT}")
     have = psutil.virtual_memory().total
     if need.per_node > have:
         raise UserError(f"the recipe needs about {need.per_node / GiB:.1f} GiB of host memory per node for model "
-                        f"states and averages, this node has {have / GiB:.1f} GiB: {hint}")
+                        f"states and averages, this node has {have / GiB:.1f} GiB: {FIT_HINT}")

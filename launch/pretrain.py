@@ -26,6 +26,7 @@ from launch import checkpoint, universal
 from launch.dist import explain_stop, init_distributed, on_rank0, raise_stopped
 from launch.engine import build, evaluate, train_step
 from launch.metrics import MetricsLog, peak_flops
+from launch.plan import repeat_warning
 from model.llama import flops_per_token
 from polyak import checkpoints
 from polyak.errors import UserError, cli
@@ -88,6 +89,8 @@ def train(recipe: Recipe, stop_after: int | None = None) -> None:
     checkpointer = checkpoint.Checkpointer(ckpt_dir, recipe.checkpoint, note=log.note)
     if latest is not None:
         log.note(f"resumed from {ckpt_dir / checkpoints.tag_of(latest)}")
+    if warning := repeat_warning(recipe, world, meta["train_tokens"]):
+        log.note(warning)
     if reshard:
         for line in source.notes():
             log.note(line)

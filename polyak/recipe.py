@@ -146,6 +146,17 @@ class SnapshotConfig:
 
 
 @dataclass
+class HardwareConfig:
+    """The machines a recipe is sized for: `python -m launch.plan` checks that it fits them."""
+
+    gpu: str | None = None  # the GPU's name, e.g. "H100 80GB"; None: CPU ranks
+    gpu_memory_gib: float | None = None  # per GPU, as the device reports it; set with gpu
+    ranks_per_node: int = 2  # GPUs, or CPU processes, per node
+    nodes: int = 1
+    host_memory_gib: float = 8.0  # per node
+
+
+@dataclass
 class Recipe:
     run: RunConfig = field(default_factory=RunConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -157,6 +168,7 @@ class Recipe:
     log: LogConfig = field(default_factory=LogConfig)
     averaging: AveragingConfig = field(default_factory=AveragingConfig)
     snapshots: SnapshotConfig = field(default_factory=SnapshotConfig)
+    hardware: HardwareConfig = field(default_factory=HardwareConfig)
 
 
 def load_recipe(path: str | os.PathLike, overrides: list[str] = ()) -> Recipe:
@@ -278,6 +290,15 @@ def validate(r: Recipe, origin: dict) -> None:
               f"names {name!r}, which is neither raw nor an average of the averaging section")
     for key in ("every", "keep_last", "keep_every"):
         check(getattr(s, key) >= 0, f"snapshots.{key}", getattr(s, key), "must be non-negative (0 disables)")
+
+    h = r.hardware
+    check((h.gpu is None) == (h.gpu_memory_gib is None), "hardware.gpu_memory_gib", h.gpu_memory_gib,
+          "must be set with hardware.gpu, and only then")
+    check(h.gpu_memory_gib is None or h.gpu_memory_gib > 0, "hardware.gpu_memory_gib", h.gpu_memory_gib,
+          "must be positive")
+    check(h.ranks_per_node >= 1, "hardware.ranks_per_node", h.ranks_per_node, "must be at least 1")
+    check(h.nodes >= 1, "hardware.nodes", h.nodes, "must be at least 1")
+    check(h.host_memory_gib > 0, "hardware.host_memory_gib", h.host_memory_gib, "must be positive")
 
     m = r.model
     if m.size is None:

@@ -41,6 +41,8 @@ def test_base_chain_and_overrides(tmp_path):
     ("train: [1, 2]", [], "b.yaml: train must be a mapping"),
     ("train: {steps: 3\n", [], "b.yaml: not valid YAML"),
     ("", ["train.steps"], "--set 'train.steps': expected key=value"),
+    ("hardware: {gpu: H100 80GB}", [], "b.yaml: hardware.gpu_memory_gib=None must be set with hardware.gpu"),
+    ("", ["hardware.nodes=0"], "--set hardware.nodes: hardware.nodes=0 must be at least 1"),
 ])
 def test_bad_recipes_name_key_and_file(tmp_path, text, overrides, message):
     (tmp_path / "a.yaml").write_text("train: {steps: 10}\naveraging: {ema: {kind: ema}}\n")
