@@ -42,13 +42,17 @@ demo: setup
 clean-demo:
 	rm -rf runs/tiny_cpu runs/tiny_cpu_short release/tiny_cpu_* reports/tiny_cpu
 
-# The CPU experiment: a long run with EMA and LAWA against schedules 25% and 50% as long (about 22 min on 2 idle cores).
+# The CPU experiment: a long run with EMA and LAWA against schedules 25% and 50% as long, its horizon swept over
+# every snapshot, and the same long run at a 4x lower peak LR swept the same way.
 experiment: setup
 	$(DS) recipes/experiment_long.yaml
 	$(DS) recipes/experiment_short25.yaml
 	$(DS) recipes/experiment_short50.yaml
+	$(DS) recipes/experiment_long_lowlr.yaml
 	$(BIN)/python -m eval.compare runs/experiment_long runs/experiment_short25 runs/experiment_short50 \
-		--out reports/experiment
+		--target 2.9 --out reports/experiment
+	$(BIN)/python -m eval.sweep runs/experiment_long --at all --target 2.9 --out reports/experiment_sweep
+	$(BIN)/python -m eval.sweep runs/experiment_long_lowlr --at all --target 2.9 --out reports/experiment_lowlr_sweep
 
 test: setup
 	$(BIN)/python -m pytest -q -rfE --durations=15 tests
