@@ -25,7 +25,7 @@ def _size(dim, n_layers, n_heads, n_kv_heads=None, ffn_dim=None, vocab_size=GPT2
 # Untied embeddings throughout, so that model.tie_embeddings (default false) keeps each count near its name;
 # vocab_size here only fixes the count, a run takes its vocabulary from the tokenizer.
 SIZES: dict[str, LlamaArgs] = {
-    "tiny": _size(256, 4, 4, vocab_size=4096),  # 5.5M
+    "tiny": _size(128, 4, 4, vocab_size=4096),  # 2.1M
     "125m": _size(640, 12, 10),  # 125M
     "350m": _size(1024, 20, 16),  # 360M
     "760m": _size(1536, 22, 24),  # 777M

@@ -11,7 +11,7 @@ from polyak.recipe import load_recipe
 
 
 def test_averaging_buffers_are_one_nth_of_the_model_per_copy_whatever_the_window():
-    recipe = load_recipe(ROOT / "recipes/tiny_cpu.yaml")  # ema + lawa (window 10)
+    recipe = load_recipe(ROOT / "recipes/tiny_cpu.yaml")  # ema + lawa
     # The EMA beside the partitions; in host memory the LAWA's sum and the copy that feeds it.
     assert averaging_bytes(recipe, params=1001, world=2) == (1 * 4 * 501, 2 * 4 * 501)
     recipe.averaging.averages["lawa"].window = 1000
