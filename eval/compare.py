@@ -30,7 +30,7 @@ from polyak.errors import UserError, cli
 from polyak.recipe import Recipe, load_recipe, recipe_to_dict
 
 # Recipe keys a short-schedule run may change; everything else must equal the long run's recipe.
-FREE_KEYS = ("run.", "checkpoint.", "log.", "eval.", "averaging.", "hardware.", "train.steps")
+FREE_KEYS = ("run.", "checkpoint.", "log.", "eval.", "averaging.", "hardware.", "snapshots.", "train.steps")
 NOT_EVALUATED = "not evaluated"
 NOT_REACHED = "not reached"
 
@@ -72,7 +72,7 @@ def check_same_recipe(long: Run, short: Run) -> None:
         if not key.startswith(FREE_KEYS) and a.get(key) != b.get(key):
             raise UserError(f"{short.dir}: its recipe differs from the long run's ({long.dir}) in {key} "
                             f"({b.get(key)!r} vs {a.get(key)!r}); short-schedule runs may differ only in run.*, "
-                            "train.steps, checkpoint.*, log.*, eval.*, hardware.* and averaging")
+                            "train.steps, checkpoint.*, log.*, eval.*, hardware.*, snapshots.* and averaging")
 
 
 def steps_to_target(curve: dict[int, float | None], target: float) -> int | None:

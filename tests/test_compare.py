@@ -130,7 +130,7 @@ def test_recipes_that_differ_are_refused(runs, tmp_path):
         main([str(long), str(other), "--out", str(tmp_path / "r")])
     assert str(e.value) == (f"{other}: its recipe differs from the long run's ({long}) in data.seq_len (128 vs 256); "
                             "short-schedule runs may differ only in run.*, train.steps, checkpoint.*, log.*, eval.*, "
-                            "hardware.* and averaging")
+                            "hardware.*, snapshots.* and averaging")
     twin = write_run(tmp_path / "twin", 100, 10, {"val_loss": {100: 2.0}})
     with pytest.raises(UserError, match="both have the most train.steps \\(100\\)"):
         main([str(long), str(twin), "--out", str(tmp_path / "r")])
