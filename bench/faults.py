@@ -4,10 +4,10 @@
                                      [--report docs/BENCHMARKS_faults.md]
 
 The run is the end-to-end tests' tiny one (tests/conftest.py: 2 CPU ranks, 12 steps, EMA, LAWA and a power EMA,
-a checkpoint every step). One uninterrupted run is the reference. Each trial launches the same command afresh, waits for a random
-moment (the middle of a random step, or the save of one: its `.tmp-` directory has appeared, plus a random delay),
-SIGKILLs rank 0, rank 1 or the launcher's whole process group, then runs the same command again to the end and
-compares its loss curve (the last record of each step), fp32 master weights, Adam moments and averages with the
+a checkpoint every step). One uninterrupted run is the reference. Each trial launches the same command afresh,
+waits for a random moment (the middle of a random step, or the save of one: its `.tmp-` directory has appeared, plus
+a random delay), SIGKILLs rank 0, rank 1 or the launcher's whole process group, then runs the same command again to
+the end and compares its loss curve (the last record of each step), fp32 master weights, Adam moments and averages with the
 reference's, bit for bit. The table goes to stdout and, with the machine and the command, to --report.
 """
 
@@ -205,7 +205,9 @@ def main() -> None:
     while len(rows) < args.trials:
         row = trial(args.work, data_dir, reference, len(rows) + 1, random_kill(rng, STEPS))
         print(json.dumps(row), flush=True)
-        if row["phase"] == "past the last step":  # nothing left to resume: the kill is drawn again
+        # Too late to test anything: the last step's checkpoint was committed when the kill came, so nothing is left
+        # to resume; the moment is drawn again.
+        if row["latest_at_kill"] == checkpoints.tag_of(STEPS):
             late += 1
             continue
         rows.append(row)
@@ -222,11 +224,12 @@ def main() -> None:
         f"the save of step N (its `.tmp-global_stepN` directory exists), plus the delay; *the run was*: what its "
         f"checkpoints directory showed just before the kill. Then the same command runs "
         f"to the end. *identical*: its loss curve (the last record of each step, timings aside), fp32 master weights, "
-        f"Adam moments, EMA, LAWA and power EMA equal an uninterrupted run's bit for bit. *its message*: the one line the "
+        f"Adam moments, EMA, LAWA and power EMA equal an uninterrupted run's bit for bit. *its message*: the one line "
+        f"the "
         f"surviving rank printed (none when the whole group was killed).\n\n"
         f"The run (the tests' `run2`): `{shown}`\n\n"
-        f"{table(rows)}\n\n{same} of {len(rows)} identical. Every kill came before the run's last step: "
-        f"{late} drawn moment(s) that the run had already finished were drawn again.\n")
+        f"{table(rows)}\n\n{same} of {len(rows)} identical. Every kill came before the last step's checkpoint was "
+        f"committed: {late} drawn moment(s) after it were drawn again.\n")
     print(f"{same} of {len(rows)} identical; written to {args.report}")
 
 
