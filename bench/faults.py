@@ -7,8 +7,8 @@ The run is the end-to-end tests' tiny one (tests/conftest.py: 2 CPU ranks, 12 st
 a checkpoint every step). One uninterrupted run is the reference. Each trial launches the same command afresh,
 waits for a random moment (the middle of a random step, or the save of one: its `.tmp-` directory has appeared, plus
 a random delay), SIGKILLs rank 0, rank 1 or the launcher's whole process group, then runs the same command again to
-the end and compares its loss curve (the last record of each step), fp32 master weights, Adam moments and averages with the
-reference's, bit for bit. The table goes to stdout and, with the machine and the command, to --report.
+the end and compares its loss curve (the last record of each step), fp32 master weights, Adam moments and averages
+with the reference's, bit for bit. The table goes to stdout and, with the machine and the command, to --report.
 """
 
 from __future__ import annotations
