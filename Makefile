@@ -7,7 +7,7 @@ NPROC ?= 2
 DS := $(BIN)/deepspeed --num_gpus $(NPROC) launch/pretrain.py --recipe
 WEIGHTS := raw ema lawa
 
-.PHONY: setup demo test experiment clean-demo
+.PHONY: setup demo test experiment clean-demo gpu-wheels
 
 setup: $(VENV)/.installed
 
@@ -56,3 +56,17 @@ experiment: setup
 
 test: setup
 	$(BIN)/python -m pytest -q -rfE --durations=15 tests
+
+# The wheels bench/gpu.sh installs on the lent GPU machine (x86-64, Python 3.12, torch with CUDA; no deepspeed,
+# hjson, pydantic or datasets' own needs there): DeepSpeed built here without its compiled ops, the rest downloaded
+# for that Python, each at the version this venv has. Git-ignored; carried with the device call as `.whl`.
+GPU_WHEELS := hjson pydantic pydantic_core annotated_types typing_inspection datasets dill multiprocess fsspec \
+	typing_extensions xxhash
+gpu-wheels: setup
+	rm -rf .whl && mkdir .whl
+	DS_BUILD_OPS=0 $(BIN)/pip wheel -q --no-deps --no-build-isolation -w .whl \
+		deepspeed==$$($(BIN)/python -c "import importlib.metadata as m; print(m.version('deepspeed'))")
+	$(BIN)/pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+		--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl \
+		$$($(BIN)/python -c "import importlib.metadata as m; print(*(f'{n}=={m.version(n)}' for n in '$(GPU_WHEELS)'.split()))")
+	du -sh .whl

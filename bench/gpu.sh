@@ -2,7 +2,8 @@
 # The GPU benchmark on the lent GPU machine (one H200): install the carried wheels, then python3 -m bench.gpu into $OUT.
 #   run: command "bash bench/gpu.sh --budget 480", carry [".whl"], timeout_s 600; options go to bench/gpu.py
 # The image has torch with CUDA but not deepspeed, hjson, pydantic, datasets' dill and multiprocess: they travel as
-# wheels in .whl (git-ignored), installed into /tmp/site (kept while the machine stays warm).
+# wheels in .whl (git-ignored; `make gpu-wheels` makes them), installed into /tmp/site (kept while the machine stays
+# warm).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-/tmp/polyak-gpu-out}
