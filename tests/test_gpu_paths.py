@@ -202,8 +202,10 @@ def test_accumulation_draws_the_same_windows_for_each_optimizer_step(data_dir):
 @pytest.mark.slow
 def test_accumulation_trains_like_one_micro_batch_of_the_same_tokens(accumulated, one_micro_batch):
     """4 × 2 against 8 × 1, fp32: the same training up to the reassociation of fp32 sums. Measured: losses within
-    9.1e-8 relative, gradient norms 1.1e-7, held-out losses 9.4e-8, weights within 6.2e-7 (absolute, on weights of
-    ~0.1; a step's update is ~1e-2 an element)."""
+    9.1e-8 relative, gradient norms 1.1e-7, held-out losses 9.4e-8; weights (~0.1, a step's update ~1e-2 an element)
+    within 1.2e-6 for 99.9% of them, the largest 6.5e-5 at step 12 on one machine (6.2e-7 on another): Adam divides
+    by √v, so where a gradient element is near zero its update amplifies the reassociation error. A micro-batch lost
+    or counted twice moves nearly every weight by ~1e-3."""
     ours, theirs = last_records(accumulated), last_records(one_micro_batch)
     assert sorted(ours) == sorted(theirs) == list(range(1, STEPS + 1))
     for step in ours:
@@ -216,8 +218,8 @@ def test_accumulation_trains_like_one_micro_batch_of_the_same_tokens(accumulated
     for step in (4, 8, STEPS):
         a, b = zero_to_fp32(accumulated, f"global_step{step}"), zero_to_fp32(one_micro_batch, f"global_step{step}")
         assert a.keys() == b.keys()
-        for name in a:
-            torch.testing.assert_close(a[name], b[name], rtol=0, atol=3e-6, msg=f"step {step} {name}")
+        diff = torch.cat([(a[name] - b[name]).abs().flatten() for name in a])
+        assert diff.quantile(0.99) < 1e-6 and diff.max() < 3e-4, f"step {step}"
 
 
 @pytest.mark.slow
