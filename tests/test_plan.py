@@ -103,7 +103,8 @@ def test_the_plan_reads_a_prepared_folder_and_warns(data_dir):
 
 @pytest.mark.slow
 def test_a_run_that_repeats_its_data_says_so_at_the_start(data_dir, tmp_path):
-    # 200 micro-batches a step: the small corpus's one pass (about 1100 of 4 windows on one rank) ends in step 6.
-    proc = pretrain(1, [f"data.dir={data_dir}", f"run.dir={tmp_path}", "train.grad_accum=200", "train.steps=6",
-                        "eval.every=0", "checkpoint.every=0", "snapshots.every=0"])
+    # 1200 steps of 4 windows on one rank: the small corpus's one pass (about 1100) ends before; the run is asked to
+    # leave after its first step, the warning being printed at the start.
+    proc = pretrain(1, [f"data.dir={data_dir}", f"run.dir={tmp_path}", "train.steps=1200", "eval.every=0",
+                        "checkpoint.every=0", "snapshots.every=0"], "--stop-after", "1")
     assert proc.stderr.count("warning: data repeats: the run needs 307,200 tokens") == 1
