@@ -42,8 +42,9 @@ demo: setup
 clean-demo:
 	rm -rf runs/tiny_cpu runs/tiny_cpu_short release/tiny_cpu_* reports/tiny_cpu
 
-# The CPU experiment: a long run with EMA and LAWA against schedules 25% and 50% as long, its horizon swept over
-# every snapshot, and the same long run at a 4x lower peak LR swept the same way.
+# The CPU experiment: a long run with EMA and LAWA against schedules 25% and 50% as long, its horizon swept at 25,
+# 50 and 100% (in the report) and around where it reaches the target, and the same long run at a 4x lower peak LR
+# swept at 25, 50 and 100%. Each swept step rebuilds 8 power EMAs from every snapshot so far: minutes a step here.
 experiment: setup
 	$(DS) recipes/experiment_long.yaml
 	$(DS) recipes/experiment_short25.yaml
@@ -51,8 +52,9 @@ experiment: setup
 	$(DS) recipes/experiment_long_lowlr.yaml
 	$(BIN)/python -m eval.compare runs/experiment_long runs/experiment_short25 runs/experiment_short50 \
 		--target 2.9 --out reports/experiment
-	$(BIN)/python -m eval.sweep runs/experiment_long --at all --target 2.9 --out reports/experiment_sweep
-	$(BIN)/python -m eval.sweep runs/experiment_long_lowlr --at all --target 2.9 --out reports/experiment_lowlr_sweep
+	$(BIN)/python -m eval.sweep runs/experiment_long --at 300 325 350 375 400 --target 2.9 \
+		--out reports/experiment_target
+	$(BIN)/python -m eval.sweep runs/experiment_long_lowlr --at 400 800 1600 --out reports/experiment_lowlr_sweep
 
 test: setup
 	$(BIN)/python -m pytest -q -rfE --durations=15 tests
