@@ -223,6 +223,8 @@ def write_report(summary: dict, path: Path, sweep_lines: list[str]) -> None:
 def _describe(average: dict) -> str:
     if average["kind"] == "ema":
         return f"EMA, beta {average['beta']}, every {average['every']}"
+    if average["kind"] == "power":
+        return f"power EMA, sigma_rel {average['sigma_rel']}, every {average['every']}"
     return f"LAWA, window {average['window']}, every {average['every']}"
 
 

@@ -175,7 +175,10 @@ def test_the_report_holds_the_sweep_eval_sweep_computes(run1, tmp_path):
     assert summary["sweep"]["results"] == records(want)  # exactly, through summary.json's floats
     assert json.loads((tmp_path / "r" / "summary.json").read_text())["sweep"] == summary["sweep"]
 
-    section = (tmp_path / "r" / "report.md").read_text().split("## Horizon sweep")[1]
+    report = (tmp_path / "r" / "report.md").read_text()
+    assert ("averages: ema (EMA, beta 0.8, every 1), lawa (LAWA, window 3, every 2), "
+            "p10 (power EMA, sigma_rel 0.1, every 1).") in report
+    section = report.split("## Horizon sweep")[1]
     # A row: step, candidate, horizon in steps and in %, val loss, then "best" on the best row only.
     rows = [cells for line in section.splitlines() if (cells := line.strip("| ").split(" | "))[0].isdigit()]
     assert len(rows) == len(want)
