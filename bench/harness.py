@@ -7,7 +7,6 @@ import argparse
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -17,7 +16,7 @@ import torch
 
 from averaging.state import SavedAverages
 from data.loader import TokenWindows, TrainBatches, load_meta
-from launch.dist import init_distributed, on_rank0
+from launch.dist import free_port, init_distributed, on_rank0
 from launch.engine import build, train_step
 from model.llama import LlamaArgs
 from polyak import metrics
@@ -52,12 +51,6 @@ def trained(data_dir: Path, run_dir: Path) -> list[str]:
     """The tests' reference runs (`run1`..`run3` in tests/conftest.py, the fault benchmark's): SMALL with a
     checkpoint every step, for offline oracles."""
     return SMALL + [f"data.dir={data_dir}", f"run.dir={run_dir}", "checkpoint.every=1"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run_cli(args: list[str], check: bool = True, timeout: int = 600, env: dict | None = None):

@@ -63,7 +63,7 @@ def _rendezvous(rank: int, world: int, timeout: timedelta) -> torch.distributed.
         atexit.register(path.unlink, missing_ok=True)  # at exit every rank is past the store: the last barrier
         return torch.distributed.FileStore(str(path), world)
     host, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
-    hint = f"pass a free one, e.g. deepspeed --master_port {_free_port()} ... (or set MASTER_PORT)"
+    hint = f"pass a free one, e.g. deepspeed --master_port {free_port()} ... (or set MASTER_PORT)"
     try:
         store = torch.distributed.TCPStore(host, port, world, is_master=rank == 0, timeout=timeout,
                                            wait_for_workers=False)
@@ -77,7 +77,8 @@ def _rendezvous(rank: int, world: int, timeout: timedelta) -> torch.distributed.
     return store
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port nobody listens on now (bound on every interface, so free on loopback too)."""
     with socket.socket() as s:
         s.bind(("", 0))
         return s.getsockname()[1]

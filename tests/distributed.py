@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import faulthandler
 import os
-import socket
 import tempfile
 import time
 import traceback
@@ -14,20 +13,20 @@ from pathlib import Path
 import pytest
 import torch
 import torch.multiprocessing as mp
+from deepspeed.constants import default_pg_timeout
 
+from launch.dist import free_port
 from polyak.errors import leave
 
 
-def run_ranks(fn, world_size: int, *args, timeout: float = 600, collective_timeout: float | None = None):
-    """`fn(rank, world_size, *args)` on every rank; returns their return values in rank order. `collective_timeout`
-    (seconds): the process group's, instead of DeepSpeed's default.
+def run_ranks(fn, world_size: int, *args, timeout: float = 600, collective_timeout: timedelta = default_pg_timeout):
+    """`fn(rank, world_size, *args)` on every rank; returns their return values in rank order. `collective_timeout`:
+    the process group's.
 
     `fn` and `args` must be picklable (a module-level function). A rank that raises fails the test with its
     traceback; the other ranks are then stopped, as they would wait forever in a collective.
     """
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     context = mp.get_context("spawn")
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp)
@@ -63,7 +62,7 @@ def run_ranks(fn, world_size: int, *args, timeout: float = 600, collective_timeo
 
 
 def _rank_main(fn, rank: int, world_size: int, port: int, out: Path, args: tuple, timeout: float,
-               collective_timeout: float | None) -> None:
+               collective_timeout: timedelta) -> None:
     stacks = open(out / f"rank{rank}.stacks", "w")  # faulthandler writes to it until the process ends
     faulthandler.dump_traceback_later(max(1.0, timeout - 5), file=stacks)  # just before the parent gives up
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
@@ -72,7 +71,7 @@ def _rank_main(fn, rank: int, world_size: int, port: int, out: Path, args: tuple
     try:
         from launch.dist import init_distributed
 
-        init_distributed(*[timedelta(seconds=collective_timeout)] if collective_timeout else [])  # as training does: the ranks share the cores, gloo does every collective
+        init_distributed(collective_timeout)  # as training does: the ranks share the cores, gloo does every collective
         result = fn(rank, world_size, *args)
         torch.save(result, out / f"rank{rank}.pt")
     except Exception:

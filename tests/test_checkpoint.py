@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import sys
 import time
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -257,5 +258,5 @@ COLLECTIVE_TIMEOUT = 8.0
 def test_rank0_work_longer_than_the_collective_timeout(fail):
     """Data preparation and the universal conversion run on rank 0 for as long as they take: the others' wait is not
     a collective of the training group, whose timeout would stop the run."""
-    results = run_ranks(_slow_rank0_work, 2, fail, collective_timeout=COLLECTIVE_TIMEOUT)
+    results = run_ranks(_slow_rank0_work, 2, fail, collective_timeout=timedelta(seconds=COLLECTIVE_TIMEOUT))
     assert results == (["the data is not there"] * 2 if fail else ["sum 2"] * 2)
